@@ -1,0 +1,126 @@
+//! What each `gantry` subcommand does, kept out of `main.rs` so tests can drive it too.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::config::{Config, ListenAddr, LogFormat};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// sysexits' EX_USAGE: bad configuration, nothing was started.
+const EXIT_CONFIG: u8 = 64;
+
+fn load(path: Option<&Path>) -> Result<Config, ExitCode> {
+    let loaded = match path {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    };
+    loaded.map_err(|error| {
+        eprintln!("gantry: {error}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+pub fn init_logging(config: &Config) {
+    let filter: tracing_subscriber::filter::Targets = config.log.level.0.parse().unwrap_or_default();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match config.log.format {
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+            .try_init(),
+        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+    };
+    if let Err(error) = result {
+        eprintln!("gantry: logging was already set up: {error}");
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|error| {
+        eprintln!("gantry: cannot start the async runtime: {error}");
+        ExitCode::FAILURE
+    })
+}
+
+pub fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> ExitCode {
+    let mut config = match load(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Some(listen) = listen {
+        config.listen = ListenAddr(listen);
+    }
+    init_logging(&config);
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(crate::server::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "gantry could not start");
+            eprintln!("gantry: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+pub fn check_config(path: &Path) -> ExitCode {
+    match load(Some(path)) {
+        Ok(config) => {
+            print!("{}", config.to_redacted_yaml());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
+    let config = match load(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    init_logging(&config);
+    let max_size = config.storage.max_size.map(|s| s.0);
+    let result = Store::open(&config.storage.path, max_size, Arc::new(Metrics::new())).and_then(|store| {
+        if verify {
+            store.verify_all()?;
+        }
+        Ok(store.usage())
+    });
+    match result {
+        Ok((bytes, entries)) => {
+            println!(
+                "{}: {entries} entries, {bytes} bytes; tmp/ cleared{}",
+                config.storage.path.display(),
+                if verify { ", every entry verified" } else { "" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("gantry: gc failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! gantry: a pull-through caching mirror for container registries.
+//!
+//! The request path, top to bottom: [`server`] accepts connections, [`api`] turns `/v2/` requests
+//! into typed calls, [`mirror`] decides between the caches ([`store`], [`tags`]) and the
+//! [`upstream`]; all of them speak the protocol types of [`oci`].
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod mirror;
+pub mod oci;
+pub mod server;
+pub mod store;
+pub mod tags;
+pub mod upstream;

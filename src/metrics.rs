@@ -1,0 +1,160 @@
+//! Every Prometheus metric gantry exports, named and described in this one place.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+pub struct Metrics {
+    registry: Registry,
+    /// Client requests by route, method and status.
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    /// Cache lookups by kind (`blob`, `manifest`, `tag`) and outcome (`hit`, `miss`, `stale`).
+    pub cache_lookups: IntCounterVec,
+    /// Bytes sent to clients, by where they came from (`cache`, `upstream`).
+    pub bytes_served: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    /// Blob bytes fetched from upstreams, by registry.
+    pub upstream_bytes: IntCounterVec,
+    pub downloads_in_flight: IntGauge,
+    /// Requests that followed a download another request had started.
+    pub download_joins: IntCounter,
+    /// Downloads discarded, by reason (`digest_mismatch`, `size_mismatch`, `upstream`, `timeout`, `io`).
+    pub download_failures: IntCounterVec,
+    pub store_bytes: IntGauge,
+    pub store_entries: IntGauge,
+    pub store_evictions: IntCounter,
+    /// Tag revalidations by result (`unchanged`, `changed`, `failed`).
+    pub tag_revalidations: IntCounterVec,
+    pub redis_errors: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry.register(Box::new(metric.clone())).expect("metric registered once");
+            metric
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            let metric = HistogramVec::new(opts, labels).expect("valid metric definition");
+            registry.register(Box::new(metric.clone())).expect("metric registered once");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric definition");
+            registry.register(Box::new(metric.clone())).expect("metric registered once");
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric definition");
+            registry.register(Box::new(metric.clone())).expect("metric registered once");
+            metric
+        };
+        Self {
+            requests: counter_vec(
+                "gantry_http_requests_total",
+                "Client requests by route, method and status.",
+                &["route", "method", "status"],
+            ),
+            request_duration: histogram_vec(
+                "gantry_http_request_duration_seconds",
+                "Time to the response headers of client requests.",
+                &["route"],
+            ),
+            cache_lookups: counter_vec(
+                "gantry_cache_lookups_total",
+                "Cache lookups by kind (blob, manifest, tag) and outcome (hit, miss, stale).",
+                &["kind", "outcome"],
+            ),
+            bytes_served: counter_vec(
+                "gantry_bytes_served_total",
+                "Blob and manifest bytes sent to clients, by source (cache, upstream).",
+                &["source"],
+            ),
+            upstream_requests: counter_vec(
+                "gantry_upstream_requests_total",
+                "Requests sent to upstream registries.",
+                &["registry", "method", "route", "status"],
+            ),
+            upstream_duration: histogram_vec(
+                "gantry_upstream_request_duration_seconds",
+                "Time to the response headers of upstream requests.",
+                &["registry"],
+            ),
+            upstream_bytes: counter_vec(
+                "gantry_upstream_bytes_total",
+                "Blob bytes fetched from upstream registries.",
+                &["registry"],
+            ),
+            downloads_in_flight: gauge("gantry_downloads_in_flight", "Blob downloads in progress."),
+            download_joins: counter(
+                "gantry_download_joins_total",
+                "Requests that followed a download already in progress instead of starting one.",
+            ),
+            download_failures: counter_vec(
+                "gantry_download_failures_total",
+                "Blob downloads discarded, by reason.",
+                &["reason"],
+            ),
+            store_bytes: gauge("gantry_store_bytes", "Bytes of blobs and manifests in the store."),
+            store_entries: gauge("gantry_store_entries", "Blobs and manifests in the store."),
+            store_evictions: counter("gantry_store_evictions_total", "Entries evicted to stay under storage.max_size."),
+            tag_revalidations: counter_vec(
+                "gantry_tag_revalidations_total",
+                "Tag revalidations with the upstream, by result (unchanged, changed, failed).",
+                &["result"],
+            ),
+            redis_errors: counter("gantry_redis_errors_total", "Redis operations that failed (treated as misses)."),
+            registry,
+        }
+    }
+
+    pub fn upstream_request(&self, registry: &str, method: &str, route: &str, status: &str, elapsed: Duration) {
+        self.upstream_requests
+            .with_label_values(&[registry, method, route, status])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[registry])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn cache_lookup(&self, kind: &str, outcome: &str) {
+        self.cache_lookups.with_label_values(&[kind, outcome]).inc();
+    }
+
+    /// The text exposition format for `/metrics`.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics() {
+        let metrics = Metrics::new();
+        metrics.cache_lookup("blob", "hit");
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(text.contains("gantry_cache_lookups_total{kind=\"blob\",outcome=\"hit\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,311 @@
+//! Single-flight blob downloads: one upstream fetch per digest, however many clients ask.
+//!
+//! A download belongs to the mirror, not to the request that started it: it runs in its own task,
+//! bounded by `timeouts.download`, and finishes even if every client leaves. The first client gets
+//! the upstream's `Bytes` through a bounded channel (no copy); everyone else, and the first client
+//! too if it falls behind, follows the growing temp file. The last bytes are released only after
+//! the digest is verified, so a corrupt or truncated download never looks complete to anyone.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use tokio::sync::{mpsc, watch};
+
+use super::error::MirrorError;
+use super::{upstream_failure, Mirror};
+use crate::oci::{Digest, RepoName};
+use crate::store::{read_exact_at, StoreError, READ_CHUNK};
+use crate::upstream::{Upstream, UpstreamRequest};
+
+/// Chunks buffered for the first client before it is switched to following the file.
+const FIRST_CLIENT_CHANNEL: usize = 64;
+/// Upstream chunks are written to disk in batches of about this size.
+const WRITE_BATCH: usize = 256 << 10;
+
+#[derive(Clone, Debug)]
+pub enum Phase {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Streaming into the temp file; `written` bytes are on disk.
+    Streaming { written: u64 },
+    /// Verified and in the store.
+    Committed { size: u64 },
+    Failed(MirrorError),
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub phase: Phase,
+    /// From the upstream's `Content-Length`, once known.
+    pub size: Option<u64>,
+    file: Option<Arc<File>>,
+}
+
+/// A download in progress, shared by every request for its digest.
+pub struct Flight {
+    progress: watch::Receiver<Progress>,
+}
+
+impl Flight {
+    /// Waits for the upstream's answer: the blob's size (if the upstream sent one) or the error.
+    pub async fn started(&self) -> Result<Option<u64>, MirrorError> {
+        let mut progress = self.progress.clone();
+        let state = progress
+            .wait_for(|p| !matches!(p.phase, Phase::Connecting))
+            .await
+            .map_err(|_| lost())?
+            .clone();
+        match state.phase {
+            Phase::Failed(error) => Err(error),
+            _ => Ok(state.size),
+        }
+    }
+
+    /// A body for `[offset, end)` (`end = None`: to the end) that follows the download.
+    /// `first` is the channel of the request that started it, if this is that request.
+    pub fn body(&self, offset: u64, end: Option<u64>, first: Option<mpsc::Receiver<Bytes>>) -> Follower {
+        Follower {
+            channel: first,
+            progress: self.progress.clone(),
+            offset,
+            end,
+            finished: false,
+        }
+    }
+}
+
+fn lost() -> MirrorError {
+    MirrorError::Store("the download task ended without a result".into())
+}
+
+impl Mirror {
+    /// Joins the download of `digest`, starting it if none is running. The second value is the
+    /// first-client channel, given only to the request that started the download.
+    pub(super) fn join_or_start(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> (Arc<Flight>, Option<mpsc::Receiver<Bytes>>) {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = flights.get(digest) {
+            self.metrics.download_joins.inc();
+            return (Arc::clone(flight), None);
+        }
+        let (progress_tx, progress_rx) = watch::channel(Progress {
+            phase: Phase::Connecting,
+            size: None,
+            file: None,
+        });
+        let (first_tx, first_rx) = mpsc::channel(FIRST_CLIENT_CHANNEL);
+        let flight = Arc::new(Flight { progress: progress_rx });
+        flights.insert(digest.clone(), Arc::clone(&flight));
+        drop(flights);
+
+        let mirror = Arc::clone(self);
+        let upstream = Arc::clone(upstream);
+        let repo = repo.clone();
+        let digest = digest.clone();
+        self.metrics.downloads_in_flight.inc();
+        // Owned by the mirror through `flights`; ends when the download commits, fails or times out.
+        tokio::spawn(async move {
+            let limit = mirror.download_timeout;
+            let outcome = tokio::time::timeout(
+                limit,
+                mirror.download(&upstream, &repo, &digest, &progress_tx, Some(first_tx)),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(MirrorError::Unavailable {
+                    registry: upstream.name().to_owned(),
+                    reason: format!("the download took longer than {limit:?}"),
+                })
+            });
+            // Leave the map before publishing the outcome: a request arriving now finds the blob
+            // in the store (or starts afresh after a failure).
+            mirror.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&digest);
+            mirror.metrics.downloads_in_flight.dec();
+            match outcome {
+                Ok(size) => progress_tx.send_modify(|p| p.phase = Phase::Committed { size }),
+                Err(error) => {
+                    tracing::warn!(%digest, registry = upstream.name(), %error, "blob download failed; nothing was cached");
+                    mirror.metrics.download_failures.with_label_values(&[failure_reason(&error)]).inc();
+                    progress_tx.send_modify(|p| p.phase = Phase::Failed(error));
+                }
+            }
+        });
+        (flight, Some(first_rx))
+    }
+
+    /// Fetches, verifies and commits one blob. Returns its size.
+    async fn download(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        progress: &watch::Sender<Progress>,
+        mut first: Option<mpsc::Sender<Bytes>>,
+    ) -> Result<u64, MirrorError> {
+        let request = UpstreamRequest::new(Method::GET, repo.as_str(), format!("/v2/{repo}/blobs/{digest}"));
+        let response = upstream.send(&request).await.map_err(|e| upstream_failure(upstream, e))?;
+        if response.status() != StatusCode::OK {
+            return Err(super::status_error(upstream, response).await);
+        }
+        let size = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let store_error = |e: StoreError| MirrorError::Store(e.to_string());
+        let mut writer = self.store.begin_blob(digest, size).map_err(store_error)?;
+        let file = Arc::new(writer.reader().map_err(|e| MirrorError::Store(e.to_string()))?);
+        progress.send_modify(|p| {
+            p.phase = Phase::Streaming { written: 0 };
+            p.size = size;
+            p.file = Some(Arc::clone(&file));
+        });
+
+        let mut body = response.into_body();
+        let bad_content = |reason: String| MirrorError::BadContent {
+            registry: upstream.name().to_owned(),
+            digest: digest.to_string(),
+            reason,
+        };
+        // The newest chunk is held back from the first client until the next one arrives, and the
+        // very last one until the digest is verified.
+        let mut held_back: Option<Bytes> = None;
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let mut received: u64 = 0;
+        loop {
+            let chunk = body.chunk().await.map_err(|e| upstream_failure(upstream, e))?;
+            let Some(chunk) = chunk else { break };
+            received += chunk.len() as u64;
+            if size.is_some_and(|size| received > size) {
+                return Err(bad_content(format!("more than the announced {} bytes", size.unwrap_or(0))));
+            }
+            self.metrics
+                .upstream_bytes
+                .with_label_values(&[upstream.name()])
+                .inc_by(chunk.len() as u64);
+            if let Some(previous) = held_back.replace(chunk.clone()) {
+                offer(&mut first, previous);
+            }
+            batch_bytes += chunk.len();
+            batch.push(chunk);
+            if batch_bytes >= WRITE_BATCH {
+                writer.write_all(std::mem::take(&mut batch)).await.map_err(store_error)?;
+                batch_bytes = 0;
+                let written = writer.written();
+                progress.send_modify(|p| p.phase = Phase::Streaming { written });
+            }
+        }
+        writer.write_all(batch).await.map_err(store_error)?;
+        let total = writer.written();
+        writer.commit().await.map_err(|e| match e {
+            StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => bad_content(e.to_string()),
+            other => store_error(other),
+        })?;
+        if let Some(last) = held_back {
+            offer(&mut first, last);
+        }
+        Ok(total)
+    }
+}
+
+/// Hands a chunk to the first client; if it is gone or behind, it follows the file from here on.
+fn offer(first: &mut Option<mpsc::Sender<Bytes>>, chunk: Bytes) {
+    if let Some(sender) = first {
+        if sender.try_send(chunk).is_err() {
+            *first = None;
+        }
+    }
+}
+
+fn failure_reason(error: &MirrorError) -> &'static str {
+    match error {
+        MirrorError::BadContent { .. } => "bad_content",
+        MirrorError::Store(_) => "io",
+        MirrorError::Unavailable { .. } => "upstream_unavailable",
+        MirrorError::UpstreamStatus { .. } | MirrorError::Request(_) => "upstream_status",
+    }
+}
+
+/// A response body that follows a download: from the first-client channel while it lasts, then
+/// from the temp file as it grows. It ends only after the download is verified, and fails if the
+/// download fails.
+pub struct Follower {
+    channel: Option<mpsc::Receiver<Bytes>>,
+    progress: watch::Receiver<Progress>,
+    offset: u64,
+    end: Option<u64>,
+    finished: bool,
+}
+
+impl Follower {
+    /// The next chunk, `Ok(None)` at the verified end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, io::Error> {
+        if self.finished {
+            return Ok(None);
+        }
+        let result = self.advance().await;
+        if !matches!(result, Ok(Some(_))) {
+            self.finished = true;
+        }
+        result
+    }
+
+    async fn advance(&mut self) -> Result<Option<Bytes>, io::Error> {
+        loop {
+            if self.end.is_some_and(|end| self.offset >= end) {
+                return Ok(None);
+            }
+            if let Some(channel) = &mut self.channel {
+                match channel.recv().await {
+                    Some(chunk) => {
+                        self.offset += chunk.len() as u64;
+                        return Ok(Some(chunk));
+                    }
+                    None => self.channel = None,
+                }
+                continue;
+            }
+            let state = self.progress.borrow_and_update().clone();
+            // While streaming, the last byte on disk is held back: the end is only shown once verified.
+            let readable = match &state.phase {
+                Phase::Connecting => 0,
+                Phase::Streaming { written } => written.saturating_sub(1),
+                Phase::Committed { size } => *size,
+                Phase::Failed(error) => return Err(io::Error::other(error.to_string())),
+            };
+            let limit = self.end.map_or(readable, |end| end.min(readable));
+            if self.offset < limit {
+                let file = state.file.ok_or_else(|| io::Error::other("download has no file"))?;
+                let len = (limit - self.offset).min(READ_CHUNK as u64) as usize;
+                let offset = self.offset;
+                let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, offset, len))
+                    .await
+                    .map_err(io::Error::other)??;
+                self.offset += chunk.len() as u64;
+                return Ok(Some(chunk));
+            }
+            if let Phase::Committed { size } = state.phase {
+                if self.offset >= size {
+                    return Ok(None);
+                }
+                return Err(io::Error::other("range beyond the end of the blob"));
+            }
+            if self.progress.changed().await.is_err() {
+                // The task published its final state before ending; a closed channel without one is a bug.
+                let final_phase = self.progress.borrow().phase.clone();
+                if matches!(final_phase, Phase::Committed { .. } | Phase::Failed(_)) {
+                    continue;
+                }
+                return Err(io::Error::other(lost().to_string()));
+            }
+        }
+    }
+}

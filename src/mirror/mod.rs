@@ -1,0 +1,486 @@
+//! The pull-through policy: answer from the cache when it can, go upstream when it must.
+//!
+//! This is the only module that decides *whether* to contact an upstream. Manifests by digest and
+//! blobs are immutable: once verified and stored they are served without upstream contact. Tags
+//! are mutable: inside the registry's `tags_cache_ttl` they are answered from the tag cache; after
+//! it they are revalidated with a `HEAD`, and when the upstream fails the stale answer is served.
+
+mod download;
+mod error;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use tokio::sync::mpsc;
+
+pub use download::{Flight, Follower};
+pub use error::MirrorError;
+
+use crate::config::{BaseUrl, Config};
+use crate::metrics::Metrics;
+use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, RepoName};
+use crate::store::{BlobFile, Store};
+use crate::tags::{TagEntry, Tags};
+use crate::upstream::{Credentials, Pool, Upstream, UpstreamBody, UpstreamError, UpstreamRequest};
+
+/// Upstream error bodies are read for their OCI code; anything larger is not an error document.
+const MAX_ERROR_BODY: usize = 64 << 10;
+/// Tag lists and referrers indexes are passed through whole, so they are capped.
+const MAX_LISTING: usize = 4 << 20;
+
+/// Host names under which Docker Hub is known to clients (`ns=docker.io`, `/v2/docker.io/...`).
+const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "registry-1.docker.io", "index.docker.io"];
+
+/// One upstream registry and its policy.
+pub struct Registry {
+    pub upstream: Arc<Upstream>,
+    pub tags_ttl: Duration,
+    /// Docker Hub puts single-component names under `library/`.
+    pub docker_hub: bool,
+}
+
+/// A request's repository, resolved to the registry that serves it.
+#[derive(Clone)]
+pub struct Target {
+    pub registry: Arc<Registry>,
+    pub repo: RepoName,
+}
+
+/// A manifest ready to be served.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    /// Served past its TTL because the upstream failed.
+    pub stale: bool,
+}
+
+/// Where a blob's bytes come from.
+pub enum BlobSource {
+    /// Verified and on disk.
+    Cached(BlobFile),
+    /// Being downloaded; `first` is set for the request that started the download.
+    Downloading {
+        flight: Arc<Flight>,
+        size: Option<u64>,
+        first: Option<mpsc::Receiver<Bytes>>,
+    },
+    /// A HEAD answered by the upstream without downloading.
+    Upstream { size: Option<u64> },
+}
+
+/// An upstream answer passed through as it is (tag lists, referrers).
+pub struct Passthrough {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct Mirror {
+    store: Arc<Store>,
+    tags: Tags,
+    default_registry: Arc<Registry>,
+    /// Every registry by each host name clients may use for it.
+    by_host: HashMap<String, Arc<Registry>>,
+    flights: Mutex<HashMap<Digest, Arc<Flight>>>,
+    metrics: Arc<Metrics>,
+    max_manifest_size: usize,
+    download_timeout: Duration,
+}
+
+impl Mirror {
+    pub fn new(config: &Config, store: Arc<Store>, tags: Tags, pool: Pool, metrics: Arc<Metrics>) -> Self {
+        let credentials = |username: &Option<crate::config::Text>, password: &Option<crate::config::Secret>| {
+            match (username, password) {
+                (Some(username), Some(password)) => Some(Credentials {
+                    username: username.0.clone(),
+                    password: password.clone(),
+                }),
+                _ => None,
+            }
+        };
+        let source = &config.mirroring.source;
+        let docker_hub = is_docker_hub(source);
+        let default_name = if docker_hub { "docker.io".to_owned() } else { source.authority().to_owned() };
+        let default_registry = Arc::new(Registry {
+            upstream: Arc::new(Upstream::new(
+                default_name.clone(),
+                source.clone(),
+                credentials(&config.mirroring.username, &config.mirroring.password),
+                pool.clone(),
+            )),
+            tags_ttl: config.mirroring.tags_cache_ttl.0,
+            docker_hub,
+        });
+        let mut by_host = HashMap::new();
+        by_host.insert(default_name, Arc::clone(&default_registry));
+        by_host.insert(source.authority().to_owned(), Arc::clone(&default_registry));
+        if docker_hub {
+            for alias in DOCKER_HUB_ALIASES {
+                by_host.insert(alias.to_owned(), Arc::clone(&default_registry));
+            }
+        }
+        for entry in &config.registries {
+            let host = entry.host.0.to_ascii_lowercase();
+            let registry = Arc::new(Registry {
+                upstream: Arc::new(Upstream::new(
+                    host.clone(),
+                    entry.url.clone(),
+                    credentials(&entry.username, &entry.password),
+                    pool.clone(),
+                )),
+                tags_ttl: entry.tags_cache_ttl.unwrap_or(config.mirroring.tags_cache_ttl).0,
+                docker_hub: is_docker_hub(&entry.url),
+            });
+            by_host.insert(host, registry);
+        }
+        Self {
+            store,
+            tags,
+            default_registry,
+            by_host,
+            flights: Mutex::new(HashMap::new()),
+            metrics,
+            max_manifest_size: usize::try_from(config.limits.max_manifest_size.0).unwrap_or(usize::MAX),
+            download_timeout: config.timeouts.download.0,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn tags(&self) -> &Tags {
+        &self.tags
+    }
+
+    /// Picks the registry for a request: containerd's `ns` parameter, else a first path component
+    /// naming a configured host, else the default source.
+    pub fn resolve(&self, ns: Option<&str>, name: &str) -> Result<Target, MirrorError> {
+        let unknown = |host: &str| {
+            OciError::new(
+                ErrorCode::NameUnknown,
+                format!("registry {host} is not mirrored here"),
+            )
+        };
+        let (registry, repo) = if let Some(ns) = ns {
+            let registry = self.by_host.get(&ns.to_ascii_lowercase()).ok_or_else(|| unknown(ns))?;
+            (Arc::clone(registry), name)
+        } else {
+            match name.split_once('/') {
+                Some((first, rest)) if looks_like_host(first) => {
+                    let registry = self.by_host.get(first).ok_or_else(|| unknown(first))?;
+                    (Arc::clone(registry), rest)
+                }
+                _ => (Arc::clone(&self.default_registry), name),
+            }
+        };
+        let mut repo = RepoName::parse(repo)?;
+        if registry.docker_hub {
+            repo = repo.with_library_prefix();
+        }
+        Ok(Target { registry, repo })
+    }
+
+    /// A manifest by tag or digest, for a client accepting `accept`.
+    pub async fn manifest(&self, target: &Target, reference: &Reference, accept: AcceptSet) -> Result<Manifest, MirrorError> {
+        match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(target, digest, accept).await,
+            Reference::Tag(tag) => self.manifest_by_tag(target, tag.as_str(), accept).await,
+        }
+    }
+
+    async fn manifest_by_digest(&self, target: &Target, digest: &Digest, accept: AcceptSet) -> Result<Manifest, MirrorError> {
+        if let Some(stored) = self.store.read_manifest(digest).await {
+            if accept.accepts(&stored.media_type) {
+                self.metrics.cache_lookup("manifest", "hit");
+                return Ok(Manifest {
+                    digest: digest.clone(),
+                    media_type: stored.media_type,
+                    bytes: stored.bytes,
+                    stale: false,
+                });
+            }
+        }
+        self.metrics.cache_lookup("manifest", "miss");
+        let fetched = self.fetch_manifest(target, &digest.to_string(), accept).await?;
+        if fetched.digest != *digest {
+            return Err(MirrorError::BadContent {
+                registry: target.registry.upstream.name().to_owned(),
+                digest: digest.to_string(),
+                reason: format!("the manifest hashes to {}", fetched.digest),
+            });
+        }
+        Ok(fetched)
+    }
+
+    async fn manifest_by_tag(&self, target: &Target, tag: &str, accept: AcceptSet) -> Result<Manifest, MirrorError> {
+        let upstream = &target.registry.upstream;
+        let key = Tags::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
+        let cached = match self.tags.get(&key).await {
+            Some(entry) => self.stored_for_tag(&entry).await.map(|manifest| (entry, manifest)),
+            None => None,
+        };
+        let Some((entry, manifest)) = cached else {
+            self.metrics.cache_lookup("tag", "miss");
+            let manifest = self.fetch_manifest(target, tag, accept).await?;
+            self.tags
+                .put(&key, &TagEntry::new(manifest.digest.to_string(), manifest.media_type.clone()))
+                .await;
+            return Ok(manifest);
+        };
+        if entry.age() < target.registry.tags_ttl {
+            self.metrics.cache_lookup("tag", "hit");
+            return Ok(manifest);
+        }
+        // Past the TTL: a HEAD (free against Docker Hub's pull limit) tells whether the tag moved.
+        match self.head_manifest(target, tag, accept).await {
+            Ok(Some(current)) if current == manifest.digest => {
+                self.metrics.tag_revalidations.with_label_values(&["unchanged"]).inc();
+                self.metrics.cache_lookup("tag", "hit");
+                self.tags.put(&key, &entry.confirmed_now()).await;
+                Ok(manifest)
+            }
+            Ok(_) => {
+                self.metrics.tag_revalidations.with_label_values(&["changed"]).inc();
+                self.metrics.cache_lookup("tag", "miss");
+                let fresh = self.fetch_manifest(target, tag, accept).await;
+                match fresh {
+                    Ok(fresh) => {
+                        self.tags
+                            .put(&key, &TagEntry::new(fresh.digest.to_string(), fresh.media_type.clone()))
+                            .await;
+                        Ok(fresh)
+                    }
+                    Err(error) if serves_stale(&error) => Ok(self.stale(manifest, &error)),
+                    Err(error) => Err(error),
+                }
+            }
+            Err(error) if serves_stale(&error) => {
+                self.metrics.tag_revalidations.with_label_values(&["failed"]).inc();
+                Ok(self.stale(manifest, &error))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn stale(&self, mut manifest: Manifest, error: &MirrorError) -> Manifest {
+        tracing::warn!(%error, digest = %manifest.digest, "upstream failed; serving the cached tag");
+        self.metrics.cache_lookup("tag", "stale");
+        manifest.stale = true;
+        manifest
+    }
+
+    async fn stored_for_tag(&self, entry: &TagEntry) -> Option<Manifest> {
+        let digest = Digest::parse(&entry.digest).ok()?;
+        let stored = self.store.read_manifest(&digest).await?;
+        Some(Manifest {
+            digest,
+            media_type: stored.media_type,
+            bytes: stored.bytes,
+            stale: false,
+        })
+    }
+
+    /// `Ok(Some(digest))` from the upstream's `Docker-Content-Digest`, `Ok(None)` if it sent none.
+    async fn head_manifest(&self, target: &Target, reference: &str, accept: AcceptSet) -> Result<Option<Digest>, MirrorError> {
+        let upstream = &target.registry.upstream;
+        let response = upstream
+            .send(&manifest_request(Method::HEAD, target, reference, accept))
+            .await
+            .map_err(|e| upstream_failure(upstream, e))?;
+        if !response.status().is_success() {
+            return Err(status_error(upstream, response).await);
+        }
+        Ok(response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok()))
+    }
+
+    /// GETs a manifest, verifies it and stores it.
+    async fn fetch_manifest(&self, target: &Target, reference: &str, accept: AcceptSet) -> Result<Manifest, MirrorError> {
+        let upstream = &target.registry.upstream;
+        let response = upstream
+            .send(&manifest_request(Method::GET, target, reference, accept))
+            .await
+            .map_err(|e| upstream_failure(upstream, e))?;
+        if response.status() != StatusCode::OK {
+            return Err(status_error(upstream, response).await);
+        }
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect_limited(self.max_manifest_size)
+            .await
+            .map_err(|e| upstream_failure(upstream, e))?;
+        let bad = |reason: String| MirrorError::BadContent {
+            registry: upstream.name().to_owned(),
+            digest: reference.to_owned(),
+            reason,
+        };
+        let media_type = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|v| !v.is_empty() && !v.contains('\n'))
+            .ok_or_else(|| bad("the manifest has no Content-Type".into()))?;
+        // The digest is over the exact bytes; the upstream's header, if any, must agree with them.
+        let claimed = headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        let algorithm = claimed.as_ref().map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
+        let digest = Digest::of(algorithm, &bytes);
+        if let Some(claimed) = claimed {
+            if claimed != digest {
+                return Err(bad(format!("Docker-Content-Digest says {claimed}, the bytes hash to {digest}")));
+            }
+        }
+        if !accept.accepts(&media_type) {
+            return Err(bad(format!("the upstream answered {media_type}, which the client did not ask for")));
+        }
+        self.store
+            .write_manifest(&digest, &media_type, bytes.clone())
+            .await
+            .map_err(|e| MirrorError::Store(e.to_string()))?;
+        Ok(Manifest {
+            digest,
+            media_type,
+            bytes,
+            stale: false,
+        })
+    }
+
+    /// A blob: from the store, from a download in flight, or by starting one. A HEAD for an
+    /// uncached blob asks the upstream without downloading.
+    pub async fn blob(self: &Arc<Self>, target: &Target, digest: &Digest, head: bool) -> Result<BlobSource, MirrorError> {
+        if let Some(blob) = self.store.open_blob(digest).await {
+            self.metrics.cache_lookup("blob", "hit");
+            return Ok(BlobSource::Cached(blob));
+        }
+        self.metrics.cache_lookup("blob", "miss");
+        let upstream = &target.registry.upstream;
+        if head {
+            let running = self.flights.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned();
+            if let Some(flight) = running {
+                let size = flight.started().await?;
+                return Ok(BlobSource::Downloading {
+                    flight,
+                    size,
+                    first: None,
+                });
+            }
+            let request = UpstreamRequest::new(
+                Method::HEAD,
+                target.repo.as_str(),
+                format!("/v2/{}/blobs/{digest}", target.repo),
+            );
+            let response = upstream.send(&request).await.map_err(|e| upstream_failure(upstream, e))?;
+            if response.status() != StatusCode::OK {
+                return Err(status_error(upstream, response).await);
+            }
+            let size = response
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            return Ok(BlobSource::Upstream { size });
+        }
+        let (flight, first) = self.join_or_start(upstream, &target.repo, digest);
+        let size = flight.started().await?;
+        Ok(BlobSource::Downloading { flight, size, first })
+    }
+
+    /// Tag lists and referrers: passed through with the client's query.
+    pub async fn listing(&self, target: &Target, path_suffix: &str, query: Option<&str>) -> Result<Passthrough, MirrorError> {
+        let upstream = &target.registry.upstream;
+        let mut path = format!("/v2/{}/{path_suffix}", target.repo);
+        if let Some(query) = query.filter(|q| !q.is_empty()) {
+            path.push('?');
+            path.push_str(query);
+        }
+        let request = UpstreamRequest::new(Method::GET, target.repo.as_str(), path);
+        let response = upstream.send(&request).await.map_err(|e| upstream_failure(upstream, e))?;
+        if !response.status().is_success() {
+            return Err(status_error(upstream, response).await);
+        }
+        let status = response.status();
+        let mut headers = HeaderMap::new();
+        for name in [CONTENT_TYPE, http::header::LINK] {
+            if let Some(value) = response.headers().get(&name) {
+                headers.insert(name, value.clone());
+            }
+        }
+        if let Some(value) = response.headers().get("oci-filters-applied") {
+            headers.insert("oci-filters-applied", value.clone());
+        }
+        let body = response
+            .into_body()
+            .collect_limited(MAX_LISTING)
+            .await
+            .map_err(|e| upstream_failure(upstream, e))?;
+        Ok(Passthrough { status, headers, body })
+    }
+}
+
+fn manifest_request(method: Method, target: &Target, reference: &str, accept: AcceptSet) -> UpstreamRequest {
+    let mut request = UpstreamRequest::new(
+        method,
+        target.repo.as_str(),
+        format!("/v2/{}/manifests/{reference}", target.repo),
+    );
+    if !accept.is_empty() {
+        request.accept = HeaderValue::from_str(&accept.header_value()).ok();
+    }
+    request
+}
+
+fn is_docker_hub(url: &BaseUrl) -> bool {
+    let host = url.host();
+    host == "docker.io" || host.ends_with(".docker.io")
+}
+
+/// A first path component is a registry host if it has a dot or a port, or is `localhost`
+/// (the rule docker's reference parser uses).
+fn looks_like_host(component: &str) -> bool {
+    component.contains('.') || component.contains(':') || component == "localhost"
+}
+
+/// Failures of the upstream (not of the request) allow a cached tag to be served past its TTL.
+fn serves_stale(error: &MirrorError) -> bool {
+    match error {
+        MirrorError::Unavailable { .. } | MirrorError::BadContent { .. } => true,
+        MirrorError::UpstreamStatus { status, .. } => {
+            status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+        }
+        MirrorError::Request(_) | MirrorError::Store(_) => false,
+    }
+}
+
+pub(crate) fn upstream_failure(upstream: &Upstream, error: UpstreamError) -> MirrorError {
+    MirrorError::Unavailable {
+        registry: upstream.name().to_owned(),
+        reason: error.to_string(),
+    }
+}
+
+/// Turns an upstream error response into a [`MirrorError`], keeping its OCI body if readable.
+pub(crate) async fn status_error(upstream: &Upstream, response: Response<UpstreamBody>) -> MirrorError {
+    let status = response.status();
+    let retry_after = response.headers().get(RETRY_AFTER).cloned();
+    let body = response.into_body().collect_limited(MAX_ERROR_BODY).await.ok();
+    let body = body.filter(|b| serde_json::from_slice::<serde_json::Value>(b).is_ok_and(|v| v.get("errors").is_some()));
+    MirrorError::UpstreamStatus {
+        registry: upstream.name().to_owned(),
+        status,
+        retry_after,
+        body,
+    }
+}

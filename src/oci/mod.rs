@@ -1,0 +1,15 @@
+//! The vocabulary of the OCI distribution protocol: repository names, tags, digests, manifest media
+//! types and error codes.
+//!
+//! Everything here is pure (no I/O), so every other module can speak these types, and the grammar
+//! checks that keep request input away from the filesystem live in one place.
+
+mod digest;
+mod error;
+mod media;
+mod name;
+
+pub use digest::{Algorithm, Digest, DigestHasher};
+pub use error::{ErrorCode, OciError};
+pub use media::{AcceptSet, MediaType, MANIFEST_TYPES};
+pub use name::{Reference, RepoName, Tag};

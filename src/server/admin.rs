@@ -1,0 +1,63 @@
+//! The admin listener: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (store writable;
+//! Redis reachable when configured, though a Redis outage only degrades, it does not unready).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::api::ResponseBody;
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+
+#[derive(Clone)]
+pub struct Admin {
+    mirror: Arc<Mirror>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    pub fn new(mirror: Arc<Mirror>, metrics: Arc<Metrics>) -> Self {
+        Self { mirror, metrics }
+    }
+
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody> {
+        match request.uri().path() {
+            "/metrics" => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                Bytes::from(self.metrics.render()),
+            ),
+            "/healthz" => text(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+            "/readyz" => self.ready().await,
+            _ => text(StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
+        }
+    }
+
+    async fn ready(&self) -> Response<ResponseBody> {
+        let store_ok = self.mirror.store().is_writable().await;
+        let redis = match self.mirror.tags().redis_reachable().await {
+            None => "not configured",
+            Some(true) => "ok",
+            Some(false) => "unreachable (degraded: memory tag cache only)",
+        };
+        let body = serde_json::json!({
+            "ready": store_ok,
+            "store": if store_ok { "writable" } else { "not writable" },
+            "redis": redis,
+        });
+        let status = if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        text(status, "application/json", Bytes::from(body.to_string()))
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ResponseBody> {
+    let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

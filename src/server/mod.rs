@@ -1,0 +1,251 @@
+//! Listeners and connections: HTTP/1.1 and h2c on one port, a connection limit, a header-read
+//! timeout, one log line per request, and graceful shutdown with a deadline. Also the admin
+//! listener (`/metrics`, `/healthz`, `/readyz`).
+
+mod admin;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::api::{Api, ResponseBody};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+use crate::store::{Store, StoreError};
+use crate::tags::{RedisTags, TagError, Tags};
+use crate::upstream::{Pool, Timeouts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage.path: cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cache.redis: {0}")]
+    Redis(#[from] TagError),
+    #[error("start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A started gantry: its bound addresses and the handle to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub mirror: Arc<Mirror>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (up to `timeouts.shutdown`), then returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Opens the store, binds the listeners and starts serving. Bad configuration has been rejected
+/// by now; what fails here is the environment (a busy port, an unwritable disk).
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let store = {
+        let path = config.storage.path.clone();
+        let max_size = config.storage.max_size.map(|s| s.0);
+        let metrics = Arc::clone(&metrics);
+        tokio::task::spawn_blocking(move || Store::open(&path, max_size, metrics)).await??
+    };
+    let redis = match &config.cache.redis {
+        Some(url) => Some(RedisTags::new(url.expose())?),
+        None => None,
+    };
+    let tags = Tags::new(redis, Arc::clone(&metrics));
+    let pool = Pool::new(
+        Timeouts {
+            connect: config.timeouts.connect.0,
+            first_byte: config.timeouts.first_byte.0,
+            idle: config.timeouts.idle.0,
+        },
+        Arc::clone(&metrics),
+    );
+    let mirror = Arc::new(Mirror::new(&config, store, tags, pool, Arc::clone(&metrics)));
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(config.listen.0).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen.0,
+        source,
+    })?;
+    let admin_listener = match config.admin_listen {
+        Some(admin) => Some(bind(admin.0).await?),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let limits = ConnectionLimits {
+        max_connections: config.limits.max_connections,
+        header_read: config.timeouts.header_read.0,
+        grace: config.timeouts.shutdown.0,
+    };
+    let api = Api::new(Arc::clone(&mirror));
+    let api_metrics = Arc::clone(&metrics);
+    let handler = move |request: Request<Incoming>| {
+        let api = api.clone();
+        let metrics = Arc::clone(&api_metrics);
+        async move { Ok::<_, Infallible>(logged(&api, &metrics, request).await) }
+    };
+    let mut tasks = vec![tokio::spawn(serve(listener, handler, limits, shutdown_rx.clone()))];
+    if let Some(admin_listener) = admin_listener {
+        let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics));
+        let handler = move |request: Request<Incoming>| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin.handle(request).await) }
+        };
+        tasks.push(tokio::spawn(serve(admin_listener, handler, limits, shutdown_rx)));
+    }
+    tracing::info!(%addr, admin = ?admin_addr, upstream = %config.mirroring.source.origin(), "gantry is serving");
+    Ok(Running {
+        addr,
+        admin_addr,
+        mirror,
+        metrics,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Runs gantry until `signal` completes, then shuts down gracefully.
+pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), StartError> {
+    let running = start(config).await?;
+    signal.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Handles one API request and writes its log line and metrics.
+async fn logged(api: &Api, metrics: &Metrics, request: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let (response, outcome) = api.handle(request).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    metrics
+        .requests
+        .with_label_values(&[outcome.route, method.as_str(), status.as_str()])
+        .inc();
+    metrics
+        .request_duration
+        .with_label_values(&[outcome.route])
+        .observe(elapsed.as_secs_f64());
+    let length = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info!(
+        %method,
+        %path,
+        route = outcome.route,
+        status = status.as_u16(),
+        bytes = length,
+        ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+#[derive(Clone, Copy)]
+struct ConnectionLimits {
+    max_connections: usize,
+    header_read: Duration,
+    grace: Duration,
+}
+
+/// The accept loop. Each connection task is watched by the graceful-shutdown tracker and holds a
+/// permit of the connection limit; accept errors are logged and the loop goes on.
+async fn serve<H, F>(listener: TcpListener, handler: H, limits: ConnectionLimits, mut shutdown: watch::Receiver<bool>)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .max_buf_size(64 << 10);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 << 10);
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    // Out of file descriptors and the like: give the system a moment.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service_fn(handler.clone()))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let open = graceful.count();
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(limits.grace) => {
+            tracing::warn!(open, grace = ?limits.grace, "shutdown deadline reached; closing remaining connections");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! A response body that reads a byte range of a file in large chunks, one read ahead.
+
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::task::JoinHandle;
+
+use super::Lease;
+
+/// Large reads keep syscalls and thread hops rare on the warm path.
+pub const READ_CHUNK: usize = 1 << 20;
+
+/// Streams `[offset, end)` of a file. Reads run on the blocking pool with positional reads, so
+/// many bodies can share one file handle; the next chunk is read while the current one is sent.
+pub struct FileChunks {
+    file: Arc<File>,
+    /// Where the next read starts.
+    next_read: u64,
+    end: u64,
+    remaining: u64,
+    pending: Option<JoinHandle<io::Result<Bytes>>>,
+    /// Keeps the entry from eviction while it is being sent.
+    _lease: Option<Lease>,
+}
+
+impl FileChunks {
+    pub fn new(file: Arc<File>, offset: u64, end: u64, lease: Option<Lease>) -> Self {
+        let mut body = Self {
+            file,
+            next_read: offset,
+            end,
+            remaining: end.saturating_sub(offset),
+            pending: None,
+            _lease: lease,
+        };
+        body.start_read();
+        body
+    }
+
+    fn start_read(&mut self) {
+        if self.pending.is_some() || self.next_read >= self.end {
+            return;
+        }
+        let len = (self.end - self.next_read).min(READ_CHUNK as u64) as usize;
+        let offset = self.next_read;
+        self.next_read += len as u64;
+        let file = Arc::clone(&self.file);
+        self.pending = Some(tokio::task::spawn_blocking(move || read_exact_at(&file, offset, len)));
+    }
+}
+
+/// Reads exactly `len` bytes at `offset`; a file shorter than that is an error, never a short body.
+pub fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
+    let mut buffer = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buffer[filled..], offset + filled as u64) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended early")),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Bytes::from(buffer))
+}
+
+impl Body for FileChunks {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let result = ready!(Pin::new(pending).poll(cx));
+        self.pending = None;
+        let chunk = match result {
+            Ok(Ok(chunk)) => chunk,
+            Ok(Err(e)) => return Poll::Ready(Some(Err(e))),
+            Err(join) => return Poll::Ready(Some(Err(io::Error::other(join)))),
+        };
+        self.remaining -= chunk.len() as u64;
+        self.start_read();
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}

@@ -1,0 +1,437 @@
+//! The content-addressed disk store for blobs and manifests.
+//!
+//! Layout under `storage.path` (version 1):
+//!
+//! ```text
+//! blobs/sha256/ab/abcdef…       blob bytes, exactly as the upstream sent them
+//! manifests/sha256/ab/abcdef…   "<media type>\n" followed by the manifest bytes
+//! tmp/                          downloads in progress; emptied at start-up
+//! ```
+//!
+//! Nothing enters `blobs/` or `manifests/` unless its bytes hash to its name: writers stream into
+//! `tmp/`, hash as they go, fsync, and rename only on a match. An in-memory LRU index (rebuilt from
+//! disk at start-up) keeps the store under `storage.max_size`; entries being read are pinned and
+//! never evicted.
+
+mod body;
+mod writer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use lru::LruCache;
+
+pub use body::{read_exact_at, FileChunks, READ_CHUNK};
+pub use writer::BlobWriter;
+
+use crate::metrics::Metrics;
+use crate::oci::{Algorithm, Digest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("content does not match its digest: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("content for {digest} is {actual} bytes, expected {expected}")]
+    SizeMismatch { digest: Digest, expected: u64, actual: u64 },
+    #[error("a blocking store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Blob,
+    Manifest,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Blob => "blobs",
+            Kind::Manifest => "manifests",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    kind: Kind,
+    digest: Digest,
+}
+
+struct Index {
+    /// Entry sizes, least recently used first out.
+    lru: LruCache<Key, u64>,
+    total_bytes: u64,
+    /// Entries being read right now, with how many readers each.
+    pins: HashMap<Key, usize>,
+}
+
+pub struct Store {
+    root: PathBuf,
+    max_size: Option<u64>,
+    index: Mutex<Index>,
+    metrics: Arc<Metrics>,
+}
+
+/// A committed blob opened for reading; it cannot be evicted while this lives.
+pub struct BlobFile {
+    pub file: Arc<File>,
+    pub size: u64,
+    pub lease: Lease,
+}
+
+/// A manifest as stored: its media type and its exact bytes.
+#[derive(Clone, Debug)]
+pub struct StoredManifest {
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// Keeps an entry from eviction until dropped.
+pub struct Lease {
+    store: Arc<Store>,
+    key: Key,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut index = self.store.lock_index();
+        if let Some(count) = index.pins.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                index.pins.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// What `gantry gc` did.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub entries: u64,
+    pub bytes: u64,
+    pub corrupt_removed: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`: empties `tmp/`, indexes what is on disk by
+    /// last use, and evicts down to `max_size`.
+    pub fn open(root: &Path, max_size: Option<u64>, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
+        for dir in ["blobs", "manifests"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(io_error(root))?;
+        }
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_error(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
+
+        let mut found = Vec::new();
+        for kind in [Kind::Blob, Kind::Manifest] {
+            scan(&root.join(kind.dir()), kind, &mut found)?;
+        }
+        found.sort_by_key(|(_, _, used)| *used);
+        let mut lru = LruCache::unbounded();
+        let mut total_bytes = 0;
+        for (key, size, _) in found {
+            total_bytes += size;
+            lru.put(key, size);
+        }
+        let store = Arc::new(Self {
+            root: root.to_owned(),
+            max_size,
+            index: Mutex::new(Index {
+                lru,
+                total_bytes,
+                pins: HashMap::new(),
+            }),
+            metrics,
+        });
+        store.evict_to_fit();
+        store.publish_size();
+        Ok(store)
+    }
+
+    fn lock_index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn path(&self, kind: Kind, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join(kind.dir())
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Marks an entry used and pins it, if the index has it.
+    fn lease(self: &Arc<Self>, key: &Key) -> Option<(Lease, u64)> {
+        let mut index = self.lock_index();
+        let size = *index.lru.get(key)?;
+        *index.pins.entry(key.clone()).or_insert(0) += 1;
+        Some((
+            Lease {
+                store: Arc::clone(self),
+                key: key.clone(),
+            },
+            size,
+        ))
+    }
+
+    /// Forgets an entry whose file vanished from under the index.
+    fn forget(&self, key: &Key) {
+        let mut index = self.lock_index();
+        if let Some(size) = index.lru.pop(key) {
+            index.total_bytes -= size;
+        }
+        drop(index);
+        self.publish_size();
+    }
+
+    pub fn contains_blob(&self, digest: &Digest) -> bool {
+        self.lock_index().lru.contains(&Key {
+            kind: Kind::Blob,
+            digest: digest.clone(),
+        })
+    }
+
+    /// Opens a committed blob for reading, or `None` if the store does not have it.
+    pub async fn open_blob(self: &Arc<Self>, digest: &Digest) -> Option<BlobFile> {
+        let key = Key {
+            kind: Kind::Blob,
+            digest: digest.clone(),
+        };
+        let (lease, size) = self.lease(&key)?;
+        let path = self.path(Kind::Blob, digest);
+        match tokio::task::spawn_blocking(move || File::open(path)).await {
+            Ok(Ok(file)) => Some(BlobFile {
+                file: Arc::new(file),
+                size,
+                lease,
+            }),
+            _ => {
+                drop(lease);
+                self.forget(&key);
+                None
+            }
+        }
+    }
+
+    pub async fn read_manifest(self: &Arc<Self>, digest: &Digest) -> Option<StoredManifest> {
+        let key = Key {
+            kind: Kind::Manifest,
+            digest: digest.clone(),
+        };
+        let (lease, _) = self.lease(&key)?;
+        let raw = tokio::fs::read(self.path(Kind::Manifest, digest)).await;
+        drop(lease);
+        let parsed = raw.ok().and_then(|raw| {
+            let split = raw.iter().position(|b| *b == b'\n')?;
+            let media_type = String::from_utf8(raw[..split].to_vec()).ok()?;
+            let bytes = Bytes::from(raw).slice(split + 1..);
+            Some(StoredManifest { media_type, bytes })
+        });
+        if parsed.is_none() {
+            self.forget(&key);
+        }
+        parsed
+    }
+
+    /// Stores a manifest after checking that `bytes` hash to `digest`.
+    pub async fn write_manifest(self: &Arc<Self>, digest: &Digest, media_type: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let actual = Digest::of(digest.algorithm(), &bytes);
+        if actual != *digest {
+            return Err(StoreError::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        let mut writer = BlobWriter::create(self, Kind::Manifest, digest.clone(), None)?;
+        let mut header = media_type.as_bytes().to_vec();
+        header.push(b'\n');
+        writer.write_unhashed(Bytes::from(header)).await?;
+        writer.write(bytes).await?;
+        writer.commit().await
+    }
+
+    /// Starts writing a blob; it becomes visible only when [`BlobWriter::commit`] verifies it.
+    pub fn begin_blob(self: &Arc<Self>, digest: &Digest, expected_size: Option<u64>) -> Result<BlobWriter, StoreError> {
+        BlobWriter::create(self, Kind::Blob, digest.clone(), expected_size)
+    }
+
+    /// Records a committed entry and evicts what no longer fits.
+    fn insert(&self, key: Key, size: u64) {
+        let mut index = self.lock_index();
+        if let Some(old) = index.lru.put(key, size) {
+            index.total_bytes -= old;
+        }
+        index.total_bytes += size;
+        drop(index);
+        self.evict_to_fit();
+        self.publish_size();
+    }
+
+    /// Deletes least recently used, unpinned entries until the store fits `max_size`.
+    fn evict_to_fit(&self) {
+        let Some(max) = self.max_size else { return };
+        let mut victims = Vec::new();
+        {
+            let mut index = self.lock_index();
+            let mut pinned = Vec::new();
+            while index.total_bytes > max {
+                let Some((key, size)) = index.lru.pop_lru() else { break };
+                if index.pins.contains_key(&key) {
+                    pinned.push((key, size));
+                    continue;
+                }
+                index.total_bytes -= size;
+                victims.push(key);
+            }
+            // Pinned entries go back as least recently used: first out once their readers finish.
+            for (key, size) in pinned.into_iter().rev() {
+                index.lru.put(key.clone(), size);
+                index.lru.demote(&key);
+            }
+        }
+        for key in victims {
+            let path = self.path(key.kind, &key.digest);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    self.metrics.store_evictions.inc();
+                    tracing::debug!(digest = %key.digest, "evicted");
+                }
+                Err(error) => tracing::warn!(path = %path.display(), %error, "cannot evict"),
+            }
+        }
+    }
+
+    fn publish_size(&self) {
+        let index = self.lock_index();
+        self.metrics.store_bytes.set(i64::try_from(index.total_bytes).unwrap_or(i64::MAX));
+        self.metrics.store_entries.set(i64::try_from(index.lru.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Bytes and entries currently indexed.
+    pub fn usage(&self) -> (u64, usize) {
+        let index = self.lock_index();
+        (index.total_bytes, index.lru.len())
+    }
+
+    /// Whether the store can take a new file right now (for `/readyz`).
+    pub async fn is_writable(&self) -> bool {
+        let probe = self.tmp_dir().join(".ready-probe");
+        let written = tokio::fs::write(&probe, b"ok").await.is_ok();
+        let _ = tokio::fs::remove_file(&probe).await;
+        written
+    }
+
+    /// Re-hashes every entry and removes the ones that do not match their names (offline `gc --verify`).
+    pub fn verify_all(&self) -> Result<GcReport, StoreError> {
+        let keys: Vec<(Key, u64)> = {
+            let index = self.lock_index();
+            index.lru.iter().map(|(k, s)| (k.clone(), *s)).collect()
+        };
+        let mut report = GcReport::default();
+        for (key, size) in keys {
+            let path = self.path(key.kind, &key.digest);
+            let content_ok = match key.kind {
+                Kind::Blob => hash_file(&path, key.digest.algorithm(), 0).map(|d| d == key.digest),
+                Kind::Manifest => manifest_body_offset(&path)
+                    .and_then(|offset| hash_file(&path, key.digest.algorithm(), offset))
+                    .map(|d| d == key.digest),
+            };
+            if content_ok.unwrap_or(false) {
+                report.entries += 1;
+                report.bytes += size;
+            } else {
+                tracing::warn!(path = %path.display(), "removing an entry that does not match its digest");
+                let _ = std::fs::remove_file(&path);
+                self.forget(&key);
+                report.corrupt_removed += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn hash_file(path: &Path, algorithm: Algorithm, skip: u64) -> io::Result<Digest> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(skip))?;
+    let mut hasher = crate::oci::DigestHasher::new(algorithm);
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buffer[..n]);
+    }
+}
+
+/// Where the manifest bytes start: after the media type line.
+fn manifest_body_offset(path: &Path) -> io::Result<u64> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(256);
+    File::open(path)?.take(1024).read_to_end(&mut head)?;
+    head.iter()
+        .position(|b| *b == b'\n')
+        .map(|p| p as u64 + 1)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no media type line"))
+}
+
+/// Collects `(key, size, last used)` for every well-named file under `dir/<algorithm>/<xx>/`.
+fn scan(dir: &Path, kind: Kind, found: &mut Vec<(Key, u64, SystemTime)>) -> Result<(), StoreError> {
+    for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+        let algorithm_dir = dir.join(algorithm.as_str());
+        let Ok(prefixes) = std::fs::read_dir(&algorithm_dir) else { continue };
+        for prefix in prefixes.flatten() {
+            let Ok(entries) = std::fs::read_dir(prefix.path()) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(digest) = name
+                    .to_str()
+                    .and_then(|hex| Digest::parse(&format!("{}:{hex}", algorithm.as_str())).ok())
+                else {
+                    tracing::warn!(path = %entry.path().display(), "ignoring a file that is not named by a digest");
+                    continue;
+                };
+                let metadata = entry.metadata().map_err(io_error(&entry.path()))?;
+                let used = metadata
+                    .accessed()
+                    .into_iter()
+                    .chain(metadata.modified())
+                    .max()
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push((Key { kind, digest }, metadata.len(), used));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

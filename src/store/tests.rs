@@ -1,0 +1,149 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use super::*;
+use crate::oci::{Algorithm, Digest};
+
+fn open(dir: &Path, max: Option<u64>) -> Arc<Store> {
+    Store::open(dir, max, Arc::new(Metrics::new())).unwrap()
+}
+
+async fn put_blob(store: &Arc<Store>, content: &[u8]) -> Digest {
+    let digest = Digest::of(Algorithm::Sha256, content);
+    let mut writer = store.begin_blob(&digest, Some(content.len() as u64)).unwrap();
+    for chunk in content.chunks(7) {
+        writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    writer.commit().await.unwrap();
+    digest
+}
+
+async fn read_all(store: &Arc<Store>, digest: &Digest) -> Vec<u8> {
+    let blob = store.open_blob(digest).await.expect("blob present");
+    let body = FileChunks::new(blob.file, 0, blob.size, Some(blob.lease));
+    body.collect().await.unwrap().to_bytes().to_vec()
+}
+
+fn tmp_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("tmp")).unwrap().next().is_none()
+}
+
+#[tokio::test]
+async fn commits_verified_blobs_and_reads_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let digest = put_blob(&store, b"hello, layer").await;
+    assert_eq!(read_all(&store, &digest).await, b"hello, layer");
+    let hex = digest.hex();
+    assert!(dir.path().join(format!("blobs/sha256/{}/{hex}", &hex[..2])).is_file());
+    assert!(tmp_is_empty(dir.path()));
+}
+
+#[tokio::test]
+async fn a_digest_or_size_mismatch_commits_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let claimed = Digest::of(Algorithm::Sha256, b"the real content");
+
+    let mut writer = store.begin_blob(&claimed, None).unwrap();
+    writer.write(Bytes::from_static(b"corrupted content")).await.unwrap();
+    assert!(matches!(writer.commit().await, Err(StoreError::DigestMismatch { .. })));
+
+    let mut writer = store.begin_blob(&claimed, Some(16)).unwrap();
+    writer.write(Bytes::from_static(b"the real")).await.unwrap();
+    assert!(matches!(writer.commit().await, Err(StoreError::SizeMismatch { .. })));
+
+    let writer = store.begin_blob(&claimed, None).unwrap();
+    drop(writer);
+
+    assert!(store.open_blob(&claimed).await.is_none());
+    assert!(tmp_is_empty(dir.path()));
+}
+
+#[tokio::test]
+async fn manifests_keep_their_media_type_and_exact_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let bytes = Bytes::from_static(b"{\"schemaVersion\":2,  \"odd\" : \"spacing\"}\n");
+    let digest = Digest::of(Algorithm::Sha256, &bytes);
+    store
+        .write_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", bytes.clone())
+        .await
+        .unwrap();
+    let stored = store.read_manifest(&digest).await.unwrap();
+    assert_eq!(stored.media_type, "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(stored.bytes, bytes);
+    let wrong = Digest::of(Algorithm::Sha256, b"other");
+    assert!(store.write_manifest(&wrong, "x", bytes).await.is_err());
+    assert!(store.read_manifest(&wrong).await.is_none());
+}
+
+#[tokio::test]
+async fn evicts_least_recently_used_but_never_a_leased_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Some(250));
+    let a = put_blob(&store, &[b'a'; 100]).await;
+    let b = put_blob(&store, &[b'b'; 100]).await;
+    // Reading `a` makes `b` the least recently used, and the lease keeps `a` while it is read.
+    let lease_a = store.open_blob(&a).await.unwrap();
+    let c = put_blob(&store, &[b'c'; 100]).await;
+    assert!(store.contains_blob(&a));
+    assert!(!store.contains_blob(&b), "b was least recently used");
+    assert!(store.contains_blob(&c));
+    assert!(store.usage().0 <= 250);
+
+    // While `a` is leased, a new entry evicts `c` even though `a` is older.
+    let d = put_blob(&store, &[b'd'; 100]).await;
+    assert!(store.contains_blob(&a), "a leased entry is never evicted");
+    assert!(!store.contains_blob(&c));
+    drop(lease_a);
+    let e = put_blob(&store, &[b'e'; 100]).await;
+    assert!(!store.contains_blob(&a), "once released, the oldest goes first");
+    assert!(store.contains_blob(&d) && store.contains_blob(&e));
+}
+
+#[tokio::test]
+async fn reopening_rebuilds_the_index_and_empties_tmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let digest = {
+        let store = open(dir.path(), None);
+        let digest = put_blob(&store, b"survives a restart").await;
+        std::fs::write(dir.path().join("tmp/leftover-from-a-crash"), b"partial").unwrap();
+        digest
+    };
+    let store = open(dir.path(), None);
+    assert!(tmp_is_empty(dir.path()));
+    assert_eq!(read_all(&store, &digest).await, b"survives a restart");
+    assert_eq!(store.usage(), (18, 1));
+}
+
+#[tokio::test]
+async fn verify_all_removes_corrupt_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let good = put_blob(&store, b"good").await;
+    let bad = put_blob(&store, b"will be damaged").await;
+    std::fs::write(store.path(Kind::Blob, &bad), b"damaged on disk").unwrap();
+    let report = store.verify_all().unwrap();
+    assert_eq!((report.entries, report.corrupt_removed), (1, 1));
+    assert!(store.contains_blob(&good));
+    assert!(!store.contains_blob(&bad));
+}
+
+#[tokio::test]
+async fn file_chunks_serve_exact_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &content).unwrap();
+    let file = Arc::new(File::open(&path).unwrap());
+    for (start, end) in [(0, 3_000_000), (5, 6), (1_048_570, 2_100_000), (2_999_999, 3_000_000)] {
+        let body = FileChunks::new(Arc::clone(&file), start, end, None);
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], &content[start as usize..end as usize], "{start}-{end}");
+    }
+    let past_the_end = FileChunks::new(file, 2_999_000, 3_000_100, None);
+    assert!(past_the_end.collect().await.is_err(), "a short file is an error, never a short body");
+}

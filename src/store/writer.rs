@@ -1,0 +1,184 @@
+//! Streaming writes into `tmp/`, hashed on the way, committed by rename only when verified.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{io_error, Key, Kind, Store, StoreError};
+use crate::oci::{Digest, DigestHasher};
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+struct Open {
+    file: File,
+    hasher: DigestHasher,
+}
+
+/// A blob or manifest being written. Dropped without [`commit`](Self::commit), its temp file is
+/// removed, so nothing partial ever outlives the writer.
+pub struct BlobWriter {
+    store: Arc<Store>,
+    kind: Kind,
+    digest: Digest,
+    expected_size: Option<u64>,
+    tmp_path: PathBuf,
+    /// `None` only while a blocking write holds it.
+    open: Option<Open>,
+    /// Content bytes written and hashed so far.
+    written: u64,
+    /// All bytes in the file, including a manifest's media type line.
+    file_bytes: u64,
+    committed: bool,
+}
+
+impl BlobWriter {
+    pub(super) fn create(
+        store: &Arc<Store>,
+        kind: Kind,
+        digest: Digest,
+        expected_size: Option<u64>,
+    ) -> Result<Self, StoreError> {
+        let unique = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp_path = store
+            .tmp_dir()
+            .join(format!("{}-{}-{unique}", digest.hex(), std::process::id()));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .map_err(io_error(&tmp_path))?;
+        Ok(Self {
+            store: Arc::clone(store),
+            kind,
+            open: Some(Open {
+                file,
+                hasher: DigestHasher::new(digest.algorithm()),
+            }),
+            digest,
+            expected_size,
+            tmp_path,
+            written: 0,
+            file_bytes: 0,
+            committed: false,
+        })
+    }
+
+    /// A read handle on the file being written, for requests that follow the download. It stays
+    /// valid after the commit renames the file.
+    pub fn reader(&self) -> io::Result<File> {
+        File::open(&self.tmp_path)
+    }
+
+    /// Content bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Hashes and appends `chunks` in one blocking call (batching keeps thread hops rare).
+    pub async fn write_all(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
+        let added: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        self.blocking(move |open| {
+            for chunk in &chunks {
+                open.hasher.update(chunk);
+                open.file.write_all(chunk)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.written += added;
+        self.file_bytes += added;
+        Ok(())
+    }
+
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        self.write_all(vec![chunk]).await
+    }
+
+    /// Appends bytes that are not part of the content (a manifest's media type line).
+    pub(super) async fn write_unhashed(&mut self, bytes: Bytes) -> Result<(), StoreError> {
+        let added = bytes.len() as u64;
+        self.blocking(move |open| open.file.write_all(&bytes)).await?;
+        self.file_bytes += added;
+        Ok(())
+    }
+
+    async fn blocking<F>(&mut self, work: F) -> Result<(), StoreError>
+    where
+        F: FnOnce(&mut Open) -> io::Result<()> + Send + 'static,
+    {
+        let Some(mut open) = self.open.take() else {
+            return Err(StoreError::Io {
+                path: self.tmp_path.clone(),
+                source: io::Error::other("an earlier write failed"),
+            });
+        };
+        let (open, result) = tokio::task::spawn_blocking(move || {
+            let result = work(&mut open);
+            (open, result)
+        })
+        .await?;
+        self.open = Some(open);
+        result.map_err(io_error(&self.tmp_path))
+    }
+
+    /// Verifies size and digest, makes the file durable and moves it into place. On any mismatch
+    /// the temp file is removed and nothing becomes visible.
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        let Some(open) = self.open.take() else {
+            return Err(StoreError::Io {
+                path: self.tmp_path.clone(),
+                source: io::Error::other("an earlier write failed"),
+            });
+        };
+        if let Some(expected) = self.expected_size {
+            if expected != self.written {
+                return Err(StoreError::SizeMismatch {
+                    digest: self.digest.clone(),
+                    expected,
+                    actual: self.written,
+                });
+            }
+        }
+        let actual = open.hasher.finish();
+        if actual != self.digest {
+            return Err(StoreError::DigestMismatch {
+                expected: self.digest.clone(),
+                actual,
+            });
+        }
+        let final_path = self.store.path(self.kind, &self.digest);
+        let tmp_path = self.tmp_path.clone();
+        let file = open.file;
+        let destination = final_path.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            file.sync_all()?;
+            let parent = destination.parent().ok_or_else(|| io::Error::other("no parent directory"))?;
+            std::fs::create_dir_all(parent)?;
+            std::fs::rename(&tmp_path, &destination)?;
+            File::open(parent)?.sync_all()
+        })
+        .await?
+        .map_err(io_error(&final_path))?;
+        self.committed = true;
+        self.store.insert(
+            Key {
+                kind: self.kind,
+                digest: self.digest.clone(),
+            },
+            self.file_bytes,
+        );
+        Ok(())
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The tag cache: tag → digest, in process (moka) and optionally shared across replicas (Redis).
+//!
+//! Entries carry the time they were confirmed with the upstream; freshness against
+//! `tags_cache_ttl` is the mirror's decision, so an entry past its TTL is still here to be served
+//! stale when the upstream is down. A cache failure is only ever a miss.
+
+mod redis_store;
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub use redis_store::RedisTags;
+
+use crate::metrics::Metrics;
+
+/// How long an entry is kept at all (to answer stale during an outage), whatever the TTL.
+pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// In-process entries; each is well under 1 KiB.
+const MEMORY_CAPACITY: u64 = 100_000;
+
+/// What a tag pointed at when last confirmed with the upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagEntry {
+    pub digest: String,
+    pub media_type: String,
+    /// Unix milliseconds of the last confirmation by the upstream.
+    pub confirmed_ms: u64,
+}
+
+impl TagEntry {
+    pub fn new(digest: String, media_type: String) -> Self {
+        Self {
+            digest,
+            media_type,
+            confirmed_ms: now_ms(),
+        }
+    }
+
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.confirmed_ms))
+    }
+
+    pub fn confirmed_now(mut self) -> Self {
+        self.confirmed_ms = now_ms();
+        self
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One level of the tag cache.
+pub trait TagStore: Send + Sync {
+    /// `Ok(None)` is a miss; `Err` is a cache failure, which callers also treat as a miss.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<TagEntry>, TagError>> + Send;
+    fn put(&self, key: &str, entry: &TagEntry) -> impl Future<Output = Result<(), TagError>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TagError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis is not connected")]
+    Disconnected,
+    #[error("unreadable cache entry: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// The in-process level, always on.
+pub struct MemoryTags {
+    cache: moka::future::Cache<String, TagEntry>,
+}
+
+impl MemoryTags {
+    pub fn new() -> Self {
+        Self {
+            cache: moka::future::Cache::builder()
+                .max_capacity(MEMORY_CAPACITY)
+                .time_to_live(RETENTION)
+                .build(),
+        }
+    }
+}
+
+impl Default for MemoryTags {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TagStore for MemoryTags {
+    async fn get(&self, key: &str) -> Result<Option<TagEntry>, TagError> {
+        Ok(self.cache.get(key).await)
+    }
+
+    async fn put(&self, key: &str, entry: &TagEntry) -> Result<(), TagError> {
+        self.cache.insert(key.to_owned(), entry.clone()).await;
+        Ok(())
+    }
+}
+
+/// Memory first, Redis second (backfilling memory on a Redis hit).
+pub struct Tags {
+    memory: MemoryTags,
+    shared: Option<RedisTags>,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+impl Tags {
+    pub fn new(shared: Option<RedisTags>, metrics: std::sync::Arc<Metrics>) -> Self {
+        Self {
+            memory: MemoryTags::new(),
+            shared,
+            metrics,
+        }
+    }
+
+    /// The key for a tag on a registry, for clients accepting a given set of manifest types.
+    pub fn key(registry: &str, repository: &str, tag: &str, accept: &str) -> String {
+        format!("gantry:tag:v1:{registry}/{repository}:{tag}:{accept}")
+    }
+
+    pub async fn get(&self, key: &str) -> Option<TagEntry> {
+        if let Ok(Some(entry)) = self.memory.get(key).await {
+            return Some(entry);
+        }
+        let shared = self.shared.as_ref()?;
+        match shared.get(key).await {
+            Ok(Some(entry)) => {
+                let _ = self.memory.put(key, &entry).await;
+                Some(entry)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                self.redis_failed(&error);
+                None
+            }
+        }
+    }
+
+    pub async fn put(&self, key: &str, entry: &TagEntry) {
+        let _ = self.memory.put(key, entry).await;
+        if let Some(shared) = &self.shared {
+            if let Err(error) = shared.put(key, entry).await {
+                self.redis_failed(&error);
+            }
+        }
+    }
+
+    fn redis_failed(&self, error: &TagError) {
+        self.metrics.redis_errors.inc();
+        tracing::warn!(%error, "redis tag cache unavailable; using memory only");
+    }
+
+    /// `None` without Redis; otherwise whether Redis answers right now.
+    pub async fn redis_reachable(&self) -> Option<bool> {
+        Some(self.shared.as_ref()?.ping().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_level_round_trips() {
+        let tags = Tags::new(None, std::sync::Arc::new(Metrics::new()));
+        let key = Tags::key("docker.io", "library/alpine", "3.20", "a1");
+        assert!(tags.get(&key).await.is_none());
+        let entry = TagEntry::new("sha256:x".into(), "application/vnd.oci.image.index.v1+json".into());
+        tags.put(&key, &entry).await;
+        assert_eq!(tags.get(&key).await, Some(entry));
+        assert!(tags.redis_reachable().await.is_none());
+    }
+
+    #[test]
+    fn keys_separate_registries_and_accept_sets() {
+        assert_ne!(Tags::key("a.io", "x/y", "t", "a1"), Tags::key("b.io", "x/y", "t", "a1"));
+        assert_ne!(Tags::key("a.io", "x/y", "t", "a1"), Tags::key("a.io", "x/y", "t", "a2"));
+    }
+}
