@@ -24,7 +24,8 @@ fn load(path: Option<&Path>) -> Result<Config, ExitCode> {
 }
 
 pub fn init_logging(config: &Config) {
-    let filter: tracing_subscriber::filter::Targets = config.log.level.0.parse().unwrap_or_default();
+    let filter: tracing_subscriber::filter::Targets =
+        config.log.level.0.parse().unwrap_or_default();
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let registry = tracing_subscriber::registry().with(filter);
@@ -40,10 +41,13 @@ pub fn init_logging(config: &Config) {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|error| {
-        eprintln!("gantry: cannot start the async runtime: {error}");
-        ExitCode::FAILURE
-    })
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("gantry: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        })
 }
 
 pub fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> ExitCode {
@@ -103,12 +107,13 @@ pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
     };
     init_logging(&config);
     let max_size = config.storage.max_size.map(|s| s.0);
-    let result = Store::open(&config.storage.path, max_size, Arc::new(Metrics::new())).and_then(|store| {
-        if verify {
-            store.verify_all()?;
-        }
-        Ok(store.usage())
-    });
+    let result =
+        Store::open(&config.storage.path, max_size, Arc::new(Metrics::new())).and_then(|store| {
+            if verify {
+                store.verify_all()?;
+            }
+            Ok(store.usage())
+        });
     match result {
         Ok((bytes, entries)) => {
             println!(

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use gantry::cli;
 
 #[derive(Parser)]
-#[command(name = "gantry", version, about = "A pull-through caching mirror for container registries")]
+#[command(
+    name = "gantry",
+    version,
+    about = "A pull-through caching mirror for container registries"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,

@@ -3,10 +3,13 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -38,24 +41,33 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry.register(Box::new(metric.clone())).expect("metric registered once");
+            let metric =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
             metric
         };
         let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
             let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
             let metric = HistogramVec::new(opts, labels).expect("valid metric definition");
-            registry.register(Box::new(metric.clone())).expect("metric registered once");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
             metric
         };
         let gauge = |name: &str, help: &str| {
             let metric = IntGauge::new(name, help).expect("valid metric definition");
-            registry.register(Box::new(metric.clone())).expect("metric registered once");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
             metric
         };
         let counter = |name: &str, help: &str| {
             let metric = IntCounter::new(name, help).expect("valid metric definition");
-            registry.register(Box::new(metric.clone())).expect("metric registered once");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
             metric
         };
         Self {
@@ -104,20 +116,36 @@ impl Metrics {
                 "Blob downloads discarded, by reason.",
                 &["reason"],
             ),
-            store_bytes: gauge("gantry_store_bytes", "Bytes of blobs and manifests in the store."),
+            store_bytes: gauge(
+                "gantry_store_bytes",
+                "Bytes of blobs and manifests in the store.",
+            ),
             store_entries: gauge("gantry_store_entries", "Blobs and manifests in the store."),
-            store_evictions: counter("gantry_store_evictions_total", "Entries evicted to stay under storage.max_size."),
+            store_evictions: counter(
+                "gantry_store_evictions_total",
+                "Entries evicted to stay under storage.max_size.",
+            ),
             tag_revalidations: counter_vec(
                 "gantry_tag_revalidations_total",
                 "Tag revalidations with the upstream, by result (unchanged, changed, failed).",
                 &["result"],
             ),
-            redis_errors: counter("gantry_redis_errors_total", "Redis operations that failed (treated as misses)."),
+            redis_errors: counter(
+                "gantry_redis_errors_total",
+                "Redis operations that failed (treated as misses).",
+            ),
             registry,
         }
     }
 
-    pub fn upstream_request(&self, registry: &str, method: &str, route: &str, status: &str, elapsed: Duration) {
+    pub fn upstream_request(
+        &self,
+        registry: &str,
+        method: &str,
+        route: &str,
+        status: &str,
+        elapsed: Duration,
+    ) {
         self.upstream_requests
             .with_label_values(&[registry, method, route, status])
             .inc();
@@ -155,6 +183,9 @@ mod tests {
         let metrics = Metrics::new();
         metrics.cache_lookup("blob", "hit");
         let text = String::from_utf8(metrics.render()).unwrap();
-        assert!(text.contains("gantry_cache_lookups_total{kind=\"blob\",outcome=\"hit\"} 1"), "{text}");
+        assert!(
+            text.contains("gantry_cache_lookups_total{kind=\"blob\",outcome=\"hit\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -16,7 +16,10 @@ async fn skopeo_pulls_a_multi_layer_image_with_upstream_digests() {
     let (out, result) = pull(&format!("{}/test/multi:v1", gantry.host()), false).await;
     result.expect("skopeo pulls through gantry");
     let image = out.path().join("image");
-    assert_eq!(file_digest(&image.join("manifest.json")), fixture.multi.manifest_digest);
+    assert_eq!(
+        file_digest(&image.join("manifest.json")),
+        fixture.multi.manifest_digest
+    );
     for blob in fixture.multi.blobs() {
         let path = image.join(blob.trim_start_matches("sha256:"));
         assert_eq!(file_digest(&path), blob, "blob {blob} arrives intact");
@@ -24,16 +27,26 @@ async fn skopeo_pulls_a_multi_layer_image_with_upstream_digests() {
 
     // The upstream's own answer for the tag names the same digest.
     let upstream = http_get(
-        &format!("http://{}/v2/test/multi/manifests/v1", fixture.registry.host()),
+        &format!(
+            "http://{}/v2/test/multi/manifests/v1",
+            fixture.registry.host()
+        ),
         &[("accept", ACCEPT_ALL)],
     )
     .await
     .unwrap();
-    assert_eq!(upstream.header("docker-content-digest"), Some(fixture.multi.manifest_digest.as_str()));
+    assert_eq!(
+        upstream.header("docker-content-digest"),
+        Some(fixture.multi.manifest_digest.as_str())
+    );
     // Each blob crossed the upstream link once.
     let gets = fixture.proxy.blob_gets();
     for blob in fixture.multi.blobs() {
-        assert_eq!(gets.get(&blob), Some(&1), "one upstream GET for {blob}: {gets:?}");
+        assert_eq!(
+            gets.get(&blob),
+            Some(&1),
+            "one upstream GET for {blob}: {gets:?}"
+        );
     }
 }
 
@@ -48,7 +61,10 @@ async fn skopeo_copies_all_platforms_of_an_index() {
     let (out, result) = pull(&format!("{}/test/index:idx", gantry.host()), true).await;
     result.expect("skopeo copies the index through gantry");
     let image = out.path().join("image");
-    assert_eq!(file_digest(&image.join("manifest.json")), fixture.index_digest);
+    assert_eq!(
+        file_digest(&image.join("manifest.json")),
+        fixture.index_digest
+    );
     for platform in &fixture.platforms {
         let hex = platform.manifest_digest.trim_start_matches("sha256:");
         assert_eq!(
@@ -58,7 +74,10 @@ async fn skopeo_copies_all_platforms_of_an_index() {
             platform.architecture
         );
         for blob in platform.blobs() {
-            assert_eq!(file_digest(&image.join(blob.trim_start_matches("sha256:"))), blob);
+            assert_eq!(
+                file_digest(&image.join(blob.trim_start_matches("sha256:"))),
+                blob
+            );
         }
     }
     // The index was fetched by tag once; its children by digest once each.

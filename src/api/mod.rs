@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, LINK,
-    RETRY_AFTER, WARNING,
+    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH, LINK, RETRY_AFTER, WARNING,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -50,7 +50,9 @@ impl Api {
 
     pub async fn handle<B>(&self, request: Request<B>) -> (Response<ResponseBody>, Outcome) {
         let route = Route::parse(request.uri().path());
-        let outcome = Outcome { route: route.label() };
+        let outcome = Outcome {
+            route: route.label(),
+        };
         let mut response = match self.dispatch(&route, &request).await {
             Ok(response) => response,
             Err(error) => error_response(&error, &route),
@@ -66,21 +68,41 @@ impl Api {
         (response, outcome)
     }
 
-    async fn dispatch<B>(&self, route: &Route, request: &Request<B>) -> Result<Response<ResponseBody>, MirrorError> {
+    async fn dispatch<B>(
+        &self,
+        route: &Route,
+        request: &Request<B>,
+    ) -> Result<Response<ResponseBody>, MirrorError> {
         let method = request.method();
         if matches!(route, Route::NotFound) {
             return Ok(not_found());
         }
         if method != Method::GET && method != Method::HEAD {
-            return Err(OciError::new(ErrorCode::Unsupported, "gantry is a read-only mirror: only GET and HEAD are served").into());
+            return Err(OciError::new(
+                ErrorCode::Unsupported,
+                "gantry is a read-only mirror: only GET and HEAD are served",
+            )
+            .into());
         }
         let head = method == Method::HEAD;
         let query = request.uri().query();
         let ns = query_param(query, "ns");
         match route {
-            Route::Base => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), head)),
-            Route::Upload => Err(OciError::new(ErrorCode::Unsupported, "pushing is not supported by a mirror").into()),
-            Route::Catalog => Err(OciError::new(ErrorCode::Unsupported, "the catalog is not served by a mirror").into()),
+            Route::Base => Ok(json_response(
+                StatusCode::OK,
+                Bytes::from_static(b"{}"),
+                head,
+            )),
+            Route::Upload => Err(OciError::new(
+                ErrorCode::Unsupported,
+                "pushing is not supported by a mirror",
+            )
+            .into()),
+            Route::Catalog => Err(OciError::new(
+                ErrorCode::Unsupported,
+                "the catalog is not served by a mirror",
+            )
+            .into()),
             Route::Manifest { name, reference } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
                 let reference = Reference::parse(reference)?;
@@ -92,22 +114,44 @@ impl Api {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
                 let digest = Digest::parse(digest)?;
                 let source = self.mirror.blob(&target, &digest, head).await?;
-                let range = request.headers().get(http::header::RANGE).and_then(|v| v.to_str().ok());
+                let range = request
+                    .headers()
+                    .get(http::header::RANGE)
+                    .and_then(|v| v.to_str().ok());
                 Ok(blob_response(source, &digest, range, head))
             }
             Route::TagsList { name } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
-                let listing = self.mirror.listing(&target, "tags/list", query_without_ns(query).as_deref()).await?;
-                Ok(listing_response(listing, &target, name, ns.as_deref(), head))
+                let listing = self
+                    .mirror
+                    .listing(&target, "tags/list", query_without_ns(query).as_deref())
+                    .await?;
+                Ok(listing_response(
+                    listing,
+                    &target,
+                    name,
+                    ns.as_deref(),
+                    head,
+                ))
             }
             Route::Referrers { name, digest } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
                 let digest = Digest::parse(digest)?;
                 let listing = self
                     .mirror
-                    .listing(&target, &format!("referrers/{digest}"), query_without_ns(query).as_deref())
+                    .listing(
+                        &target,
+                        &format!("referrers/{digest}"),
+                        query_without_ns(query).as_deref(),
+                    )
                     .await?;
-                Ok(listing_response(listing, &target, name, ns.as_deref(), head))
+                Ok(listing_response(
+                    listing,
+                    &target,
+                    name,
+                    ns.as_deref(),
+                    head,
+                ))
             }
             Route::NotFound => Ok(not_found()),
         }
@@ -115,7 +159,9 @@ impl Api {
 }
 
 fn full(bytes: Bytes) -> ResponseBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn empty() -> ResponseBody {
@@ -138,14 +184,19 @@ fn json_response(status: StatusCode, body: Bytes, head: bool) -> Response<Respon
 }
 
 fn etag(digest: &Digest) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{digest}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
+    HeaderValue::from_str(&format!("\"{digest}\""))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
 fn digest_header(digest: &Digest) -> HeaderValue {
     HeaderValue::from_str(&digest.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-fn manifest_response<B>(manifest: Manifest, request: &Request<B>, head: bool) -> Response<ResponseBody> {
+fn manifest_response<B>(
+    manifest: Manifest,
+    request: &Request<B>,
+    head: bool,
+) -> Response<ResponseBody> {
     let tag = etag(&manifest.digest);
     let not_modified = request
         .headers()
@@ -169,7 +220,10 @@ fn manifest_response<B>(manifest: Manifest, request: &Request<B>, head: bool) ->
     headers.insert("docker-content-digest", digest_header(&manifest.digest));
     headers.insert(ETAG, tag);
     if manifest.stale {
-        headers.insert(WARNING, HeaderValue::from_static("110 gantry \"Response is Stale\""));
+        headers.insert(
+            WARNING,
+            HeaderValue::from_static("110 gantry \"Response is Stale\""),
+        );
     }
     response
 }
@@ -185,7 +239,12 @@ fn follower_body(follower: Follower) -> ResponseBody {
     StreamBody::new(stream).boxed_unsync()
 }
 
-fn blob_response(source: BlobSource, digest: &Digest, range: Option<&str>, head: bool) -> Response<ResponseBody> {
+fn blob_response(
+    source: BlobSource,
+    digest: &Digest,
+    range: Option<&str>,
+    head: bool,
+) -> Response<ResponseBody> {
     let size = match &source {
         BlobSource::Cached(blob) => Some(blob.size),
         BlobSource::Downloading { size, .. } | BlobSource::Upstream { size } => *size,
@@ -206,7 +265,10 @@ fn blob_response(source: BlobSource, digest: &Digest, range: Option<&str>, head:
     let (start, end) = match (answer, size) {
         (RangeAnswer::Unsatisfiable, Some(size)) => {
             return error_with_headers(
-                OciError::new(ErrorCode::RangeInvalid, "the requested range is not satisfiable"),
+                OciError::new(
+                    ErrorCode::RangeInvalid,
+                    "the requested range is not satisfiable",
+                ),
                 &[(CONTENT_RANGE, format!("bytes */{size}"))],
             );
         }
@@ -220,16 +282,25 @@ fn blob_response(source: BlobSource, digest: &Digest, range: Option<&str>, head:
         _ => (0, size),
     };
     if let Some(end) = end {
-        response.headers_mut().insert(CONTENT_LENGTH, (end - start).into());
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, (end - start).into());
     }
     if head {
         return response;
     }
     *response.body_mut() = match source {
-        BlobSource::Cached(blob) => FileChunks::new(blob.file, start, end.unwrap_or(blob.size), Some(blob.lease)).boxed_unsync(),
+        BlobSource::Cached(blob) => {
+            FileChunks::new(blob.file, start, end.unwrap_or(blob.size), Some(blob.lease))
+                .boxed_unsync()
+        }
         BlobSource::Downloading { flight, first, .. } => {
             // Only a request for the whole blob can take the upstream chunks as they come.
-            let first = if start == 0 && end == size { first } else { None };
+            let first = if start == 0 && end == size {
+                first
+            } else {
+                None
+            };
             follower_body(flight.body(start, end, first))
         }
         BlobSource::Upstream { .. } => empty(),
@@ -250,7 +321,9 @@ fn listing_response(
     *response.headers_mut() = listing.headers;
     response.headers_mut().insert(CONTENT_LENGTH, length.into());
     if let Some(link) = response.headers().get(LINK).and_then(|v| v.to_str().ok()) {
-        match rewrite_link(link, target.repo.as_str(), client_name, ns).and_then(|l| HeaderValue::from_str(&l).ok()) {
+        match rewrite_link(link, target.repo.as_str(), client_name, ns)
+            .and_then(|l| HeaderValue::from_str(&l).ok())
+        {
             Some(rewritten) => {
                 response.headers_mut().insert(LINK, rewritten);
             }
@@ -264,7 +337,12 @@ fn listing_response(
 
 /// Points an upstream `Link: </v2/<repo>/…?n=…&last=…>; rel="next"` at gantry's own path for the
 /// same repository (and keeps the client's `ns`), keeping only the query.
-fn rewrite_link(link: &str, upstream_repo: &str, client_name: &str, ns: Option<&str>) -> Option<String> {
+fn rewrite_link(
+    link: &str,
+    upstream_repo: &str,
+    client_name: &str,
+    ns: Option<&str>,
+) -> Option<String> {
     let start = link.find('<')?;
     let end = link[start..].find('>')? + start;
     let target = &link[start + 1..end];
@@ -276,7 +354,12 @@ fn rewrite_link(link: &str, upstream_repo: &str, client_name: &str, ns: Option<&
     let suffix = path.strip_prefix(&format!("/v2/{upstream_repo}/"))?;
     let mut rewritten = format!("/v2/{client_name}/{suffix}");
     let mut params: Vec<String> = query
-        .map(|q| q.split('&').filter(|p| !p.starts_with("ns=")).map(str::to_owned).collect())
+        .map(|q| {
+            q.split('&')
+                .filter(|p| !p.starts_with("ns="))
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     if let Some(ns) = ns {
         params.push(format!("ns={ns}"));
@@ -298,11 +381,17 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
 }
 
 fn query_without_ns(query: Option<&str>) -> Option<String> {
-    let kept: Vec<&str> = query?.split('&').filter(|p| !p.is_empty() && !p.starts_with("ns=")).collect();
+    let kept: Vec<&str> = query?
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("ns="))
+        .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
-fn error_with_headers(error: OciError, extra: &[(http::HeaderName, String)]) -> Response<ResponseBody> {
+fn error_with_headers(
+    error: OciError,
+    extra: &[(http::HeaderName, String)],
+) -> Response<ResponseBody> {
     let mut response = json_response(error.code.status(), Bytes::from(error.to_body()), false);
     for (name, value) in extra {
         if let Ok(value) = HeaderValue::from_str(value) {
@@ -310,7 +399,9 @@ fn error_with_headers(error: OciError, extra: &[(http::HeaderName, String)]) -> 
         }
     }
     if error.code == ErrorCode::Unsupported {
-        response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
     }
     response
 }
@@ -385,7 +476,13 @@ mod tests {
             r#"</v2/alpine/tags/list?last=b&n=2>; rel="next""#
         );
         assert_eq!(
-            rewrite_link(link, "library/alpine", "docker.io/alpine", Some("docker.io")).unwrap(),
+            rewrite_link(
+                link,
+                "library/alpine",
+                "docker.io/alpine",
+                Some("docker.io")
+            )
+            .unwrap(),
             r#"</v2/docker.io/alpine/tags/list?last=b&n=2&ns=docker.io>; rel="next""#
         );
         let absolute = r#"<https://up.example/v2/x/y/tags/list?n=1&last=a>; rel="next""#;
@@ -398,9 +495,15 @@ mod tests {
 
     #[test]
     fn query_helpers() {
-        assert_eq!(query_param(Some("n=1&ns=ghcr.io"), "ns").as_deref(), Some("ghcr.io"));
+        assert_eq!(
+            query_param(Some("n=1&ns=ghcr.io"), "ns").as_deref(),
+            Some("ghcr.io")
+        );
         assert_eq!(query_param(Some("ns="), "ns"), None);
-        assert_eq!(query_without_ns(Some("ns=x&n=2&last=a")).as_deref(), Some("n=2&last=a"));
+        assert_eq!(
+            query_without_ns(Some("ns=x&n=2&last=a")).as_deref(),
+            Some("n=2&last=a")
+        );
         assert_eq!(query_without_ns(Some("ns=x")), None);
     }
 }

@@ -68,8 +68,14 @@ mod tests {
         assert_eq!(resolve(Some("bytes=0-4"), 10), Partial { start: 0, end: 5 });
         assert_eq!(resolve(Some("bytes=5-"), 10), Partial { start: 5, end: 10 });
         assert_eq!(resolve(Some("bytes=-3"), 10), Partial { start: 7, end: 10 });
-        assert_eq!(resolve(Some("bytes=-30"), 10), Partial { start: 0, end: 10 });
-        assert_eq!(resolve(Some("bytes=8-100"), 10), Partial { start: 8, end: 10 });
+        assert_eq!(
+            resolve(Some("bytes=-30"), 10),
+            Partial { start: 0, end: 10 }
+        );
+        assert_eq!(
+            resolve(Some("bytes=8-100"), 10),
+            Partial { start: 8, end: 10 }
+        );
         assert_eq!(resolve(Some("bytes=10-"), 10), Unsatisfiable);
         assert_eq!(resolve(Some("bytes=10-12"), 10), Unsatisfiable);
         assert_eq!(resolve(Some("bytes=-0"), 10), Unsatisfiable);
@@ -78,7 +84,13 @@ mod tests {
         assert_eq!(resolve(Some("bytes=0-1,4-5"), 10), Full);
         assert_eq!(resolve(Some("items=0-1"), 10), Full);
         assert_eq!(resolve(Some("bytes=x-y"), 10), Full);
-        assert_eq!(resolve(Some("bytes=18446744073709551615-"), 10), Unsatisfiable);
-        assert_eq!(resolve(Some("bytes=0-18446744073709551615"), 10), Partial { start: 0, end: 10 });
+        assert_eq!(
+            resolve(Some("bytes=18446744073709551615-"), 10),
+            Unsatisfiable
+        );
+        assert_eq!(
+            resolve(Some("bytes=0-18446744073709551615"), 10),
+            Partial { start: 0, end: 10 }
+        );
     }
 }

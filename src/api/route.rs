@@ -6,10 +6,21 @@
 pub enum Route {
     /// `/v2/`: the API version check.
     Base,
-    Manifest { name: String, reference: String },
-    Blob { name: String, digest: String },
-    TagsList { name: String },
-    Referrers { name: String, digest: String },
+    Manifest {
+        name: String,
+        reference: String,
+    },
+    Blob {
+        name: String,
+        digest: String,
+    },
+    TagsList {
+        name: String,
+    },
+    Referrers {
+        name: String,
+        digest: String,
+    },
     /// `/v2/<name>/blobs/uploads/...`: push only.
     Upload,
     Catalog,
@@ -97,7 +108,10 @@ mod tests {
                 digest: "sha256:abc".into()
             }
         );
-        assert_eq!(Route::parse("/v2/a/tags/list"), Route::TagsList { name: "a".into() });
+        assert_eq!(
+            Route::parse("/v2/a/tags/list"),
+            Route::TagsList { name: "a".into() }
+        );
         assert_eq!(
             Route::parse("/v2/a/referrers/sha256:x"),
             Route::Referrers {
@@ -118,7 +132,10 @@ mod tests {
     #[test]
     fn recognises_push_and_oddities() {
         assert_eq!(Route::parse("/v2/a/blobs/uploads/"), Route::Upload);
-        assert_eq!(Route::parse("/v2/a/b/blobs/uploads/some-uuid"), Route::Upload);
+        assert_eq!(
+            Route::parse("/v2/a/b/blobs/uploads/some-uuid"),
+            Route::Upload
+        );
         assert_eq!(Route::parse("/v2/_catalog"), Route::Catalog);
         assert_eq!(Route::parse("/v3/"), Route::NotFound);
         assert_eq!(Route::parse("/v2x"), Route::NotFound);

@@ -185,11 +185,21 @@ impl Default for Log {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {key}: {message}")]
-    Parse { path: PathBuf, key: String, message: String },
+    Parse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
     #[error("{path}: invalid configuration:\n  {}", problems.join("\n  "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 impl Config {
@@ -228,13 +238,17 @@ impl Config {
             problems.push("storage.path: must not be empty".to_owned());
         }
         if self.storage.max_size.is_some_and(|size| size.0 == 0) {
-            problems.push("storage.max_size: must be more than 0 (leave it out for no limit)".to_owned());
+            problems.push(
+                "storage.max_size: must be more than 0 (leave it out for no limit)".to_owned(),
+            );
         }
         if self.mirroring.username.is_some() != self.mirroring.password.is_some() {
-            problems.push("mirroring.username, mirroring.password: give both or neither".to_owned());
+            problems
+                .push("mirroring.username, mirroring.password: give both or neither".to_owned());
         }
         if let Some(redis) = &self.cache.redis {
-            if !(redis.expose().starts_with("redis://") || redis.expose().starts_with("rediss://")) {
+            if !(redis.expose().starts_with("redis://") || redis.expose().starts_with("rediss://"))
+            {
                 problems.push("cache.redis: must be a redis:// or rediss:// URL".to_owned());
             }
         }
@@ -242,7 +256,9 @@ impl Config {
         for (i, registry) in self.registries.iter().enumerate() {
             let host = &registry.host.0;
             let valid_host = !host.is_empty()
-                && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
                 && (host.contains('.') || host.contains(':') || host == "localhost");
             if !valid_host {
                 problems.push(format!(
@@ -253,14 +269,19 @@ impl Config {
                 problems.push(format!("registries[{i}].host: `{host}` is listed twice"));
             }
             if registry.username.is_some() != registry.password.is_some() {
-                problems.push(format!("registries[{i}].username, registries[{i}].password: give both or neither"));
+                problems.push(format!(
+                    "registries[{i}].username, registries[{i}].password: give both or neither"
+                ));
             }
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".to_owned());
         }
         if self.limits.max_manifest_size.0 < 4 << 20 {
-            problems.push("limits.max_manifest_size: must be at least 4MiB (manifests of 4 MB are common)".to_owned());
+            problems.push(
+                "limits.max_manifest_size: must be at least 4MiB (manifests of 4 MB are common)"
+                    .to_owned(),
+            );
         }
         for (key, value) in [
             ("timeouts.connect", self.timeouts.connect),
@@ -273,15 +294,24 @@ impl Config {
                 problems.push(format!("{key}: must be more than 0"));
             }
         }
-        if let Err(e) = self.log.level.0.parse::<tracing_subscriber::filter::Targets>() {
-            problems.push(format!("log.level: `{}` is not a level or target list: {e}", self.log.level.0));
+        if let Err(e) = self
+            .log
+            .level
+            .0
+            .parse::<tracing_subscriber::filter::Targets>()
+        {
+            problems.push(format!(
+                "log.level: `{}` is not a level or target list: {e}",
+                self.log.level.0
+            ));
         }
         problems
     }
 
     /// The effective configuration as YAML, with secrets shown as `<redacted>`.
     pub fn to_redacted_yaml(&self) -> String {
-        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+        serde_yaml::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 }
 
@@ -297,7 +327,11 @@ fn parse_error(origin: &Path, error: serde_path_to_error::Error<serde_yaml::Erro
     if let Some(location) = inner.location() {
         let suffix = format!(" at line {} column {}", location.line(), location.column());
         if let Some(stripped) = message.strip_suffix(&suffix) {
-            message = format!("{stripped} (line {}, column {})", location.line(), location.column());
+            message = format!(
+                "{stripped} (line {}, column {})",
+                location.line(),
+                location.column()
+            );
         }
     }
     // Drop serde_yaml's own (shorter) path prefix, which the full key replaces.
@@ -325,7 +359,10 @@ mod tests {
     fn empty_file_is_the_embedded_defaults() {
         let config = parse("").unwrap();
         assert_eq!(config.listen.0.to_string(), "0.0.0.0:5000");
-        assert_eq!(config.mirroring.source.origin(), "https://registry-1.docker.io");
+        assert_eq!(
+            config.mirroring.source.origin(),
+            "https://registry-1.docker.io"
+        );
         assert_eq!(config.storage.path, PathBuf::from("./data"));
         assert!(config.cache.redis.is_none());
     }
@@ -360,7 +397,10 @@ log:
         assert_eq!(config.storage.max_size, Some(ByteSize(50 << 30)));
         assert_eq!(config.mirroring.tags_cache_ttl.0.as_secs(), 864_000);
         assert_eq!(config.mirroring.username.as_ref().unwrap().0, "someone");
-        assert_eq!(config.mirroring.password.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(
+            config.mirroring.password.as_ref().unwrap().expose(),
+            "s3cret"
+        );
         assert_eq!(config.log.format, LogFormat::Json);
         let printed = config.to_redacted_yaml();
         assert!(!printed.contains("s3cret"), "{printed}");

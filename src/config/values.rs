@@ -20,12 +20,16 @@ pub fn substitute_env(raw: &str) -> Result<String, String> {
         None => (spec, None),
     };
     if name.is_empty() {
-        return Err("`_env:` needs a variable name, as in `_env:NAME` or `_env:NAME:default`".into());
+        return Err(
+            "`_env:` needs a variable name, as in `_env:NAME` or `_env:NAME:default`".into(),
+        );
     }
     match (std::env::var(name), default) {
         (Ok(value), _) => Ok(value),
         (Err(_), Some(default)) => Ok(default.to_owned()),
-        (Err(_), None) => Err(format!("environment variable {name} is not set and no default is given")),
+        (Err(_), None) => Err(format!(
+            "environment variable {name} is not set and no default is given"
+        )),
     }
 }
 
@@ -120,7 +124,9 @@ impl Seconds {
         if let Ok(secs) = text.parse::<u64>() {
             return Ok(Seconds(Duration::from_secs(secs)));
         }
-        let bad = || format!("`{text}` is not a duration: write e.g. `90s`, `10m`, `1h30m`, `7d` or plain seconds");
+        let bad = || {
+            format!("`{text}` is not a duration: write e.g. `90s`, `10m`, `1h30m`, `7d` or plain seconds")
+        };
         let mut total = Duration::ZERO;
         let mut rest = text;
         if rest.is_empty() {
@@ -133,7 +139,9 @@ impl Seconds {
             }
             let amount: u64 = rest[..digits].parse().map_err(|_| bad())?;
             rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = match &rest[..unit_len] {
                 "ms" => Duration::from_millis(1),
                 "s" => Duration::from_secs(1),
@@ -143,7 +151,9 @@ impl Seconds {
                 _ => return Err(bad()),
             };
             let amount = u32::try_from(amount).map_err(|_| bad())?;
-            total = total.checked_add(unit.checked_mul(amount).ok_or_else(bad)?).ok_or_else(bad)?;
+            total = total
+                .checked_add(unit.checked_mul(amount).ok_or_else(bad)?)
+                .ok_or_else(bad)?;
             rest = &rest[unit_len..];
         }
         Ok(Seconds(total))
@@ -189,8 +199,12 @@ pub struct ByteSize(pub u64);
 impl ByteSize {
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
-        let bad = || format!("`{text}` is not a size: write e.g. `50GiB`, `512MiB`, `10GB` or plain bytes");
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let bad = || {
+            format!("`{text}` is not a size: write e.g. `50GiB`, `512MiB`, `10GB` or plain bytes")
+        };
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         if split == 0 {
             return Err(bad());
         }
@@ -213,7 +227,12 @@ impl ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (name, size) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{name}", self.0 / size);
@@ -253,9 +272,13 @@ impl BaseUrl {
             Some("http" | "https") => {}
             _ => return Err(format!("`{text}` must start with http:// or https://")),
         }
-        let authority = uri.authority().ok_or_else(|| format!("`{text}` has no host"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("`{text}` has no host"))?;
         if authority.as_str().contains('@') {
-            return Err(format!("`{text}` must not carry credentials: use username/password"));
+            return Err(format!(
+                "`{text}` must not carry credentials: use username/password"
+            ));
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(format!("`{text}` must not have a path or query"));
@@ -278,7 +301,11 @@ impl BaseUrl {
 
     /// `scheme://authority` with no trailing slash.
     pub fn origin(&self) -> String {
-        format!("{}://{}", self.0.scheme_str().unwrap_or("https"), self.authority())
+        format!(
+            "{}://{}",
+            self.0.scheme_str().unwrap_or("https"),
+            self.authority()
+        )
     }
 }
 
@@ -307,9 +334,11 @@ impl Serialize for ListenAddr {
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = Text::deserialize(deserializer)?.0;
-        text.parse()
-            .map(ListenAddr)
-            .map_err(|_| de::Error::custom(format!("`{text}` is not an address: write e.g. `0.0.0.0:5000`")))
+        text.parse().map(ListenAddr).map_err(|_| {
+            de::Error::custom(format!(
+                "`{text}` is not an address: write e.g. `0.0.0.0:5000`"
+            ))
+        })
     }
 }
 
@@ -319,10 +348,19 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(Seconds::parse("864000").unwrap().0, Duration::from_secs(864_000));
+        assert_eq!(
+            Seconds::parse("864000").unwrap().0,
+            Duration::from_secs(864_000)
+        );
         assert_eq!(Seconds::parse("10m").unwrap().0, Duration::from_secs(600));
-        assert_eq!(Seconds::parse("1h30m").unwrap().0, Duration::from_secs(5400));
-        assert_eq!(Seconds::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            Seconds::parse("1h30m").unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            Seconds::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
         assert_eq!(Seconds::parse("7d").unwrap().to_string(), "7d");
         for bad in ["", "m", "10x", "-5s", "1.5h", "h10"] {
             assert!(Seconds::parse(bad).is_err(), "{bad}");
@@ -343,17 +381,34 @@ mod tests {
     #[test]
     fn env_substitution() {
         std::env::set_var("GANTRY_TEST_VALUES_SET", "from-env");
-        assert_eq!(substitute_env("_env:GANTRY_TEST_VALUES_SET").unwrap(), "from-env");
-        assert_eq!(substitute_env("_env:GANTRY_TEST_VALUES_SET:fallback").unwrap(), "from-env");
-        assert_eq!(substitute_env("_env:GANTRY_TEST_VALUES_UNSET:fallback").unwrap(), "fallback");
-        assert_eq!(substitute_env("_env:GANTRY_TEST_VALUES_UNSET:").unwrap(), "");
+        assert_eq!(
+            substitute_env("_env:GANTRY_TEST_VALUES_SET").unwrap(),
+            "from-env"
+        );
+        assert_eq!(
+            substitute_env("_env:GANTRY_TEST_VALUES_SET:fallback").unwrap(),
+            "from-env"
+        );
+        assert_eq!(
+            substitute_env("_env:GANTRY_TEST_VALUES_UNSET:fallback").unwrap(),
+            "fallback"
+        );
+        assert_eq!(
+            substitute_env("_env:GANTRY_TEST_VALUES_UNSET:").unwrap(),
+            ""
+        );
         assert!(substitute_env("_env:GANTRY_TEST_VALUES_UNSET").is_err());
         assert_eq!(substitute_env("plain").unwrap(), "plain");
     }
 
     #[test]
     fn urls() {
-        assert_eq!(BaseUrl::parse("https://registry-1.docker.io/").unwrap().authority(), "registry-1.docker.io");
+        assert_eq!(
+            BaseUrl::parse("https://registry-1.docker.io/")
+                .unwrap()
+                .authority(),
+            "registry-1.docker.io"
+        );
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("https://u:p@x").is_err());
         assert!(BaseUrl::parse("https://x/path").is_err());

@@ -30,9 +30,13 @@ pub enum Phase {
     /// Waiting for the upstream's response headers.
     Connecting,
     /// Streaming into the temp file; `written` bytes are on disk.
-    Streaming { written: u64 },
+    Streaming {
+        written: u64,
+    },
     /// Verified and in the store.
-    Committed { size: u64 },
+    Committed {
+        size: u64,
+    },
     Failed(MirrorError),
 }
 
@@ -66,7 +70,12 @@ impl Flight {
 
     /// A body for `[offset, end)` (`end = None`: to the end) that follows the download.
     /// `first` is the channel of the request that started it, if this is that request.
-    pub fn body(&self, offset: u64, end: Option<u64>, first: Option<mpsc::Receiver<Bytes>>) -> Follower {
+    pub fn body(
+        &self,
+        offset: u64,
+        end: Option<u64>,
+        first: Option<mpsc::Receiver<Bytes>>,
+    ) -> Follower {
         Follower {
             channel: first,
             progress: self.progress.clone(),
@@ -101,7 +110,9 @@ impl Mirror {
             file: None,
         });
         let (first_tx, first_rx) = mpsc::channel(FIRST_CLIENT_CHANNEL);
-        let flight = Arc::new(Flight { progress: progress_rx });
+        let flight = Arc::new(Flight {
+            progress: progress_rx,
+        });
         flights.insert(digest.clone(), Arc::clone(&flight));
         drop(flights);
 
@@ -126,13 +137,21 @@ impl Mirror {
             });
             // Leave the map before publishing the outcome: a request arriving now finds the blob
             // in the store (or starts afresh after a failure).
-            mirror.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&digest);
+            mirror
+                .flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&digest);
             mirror.metrics.downloads_in_flight.dec();
             match outcome {
                 Ok(size) => progress_tx.send_modify(|p| p.phase = Phase::Committed { size }),
                 Err(error) => {
                     tracing::warn!(%digest, registry = upstream.name(), %error, "blob download failed; nothing was cached");
-                    mirror.metrics.download_failures.with_label_values(&[failure_reason(&error)]).inc();
+                    mirror
+                        .metrics
+                        .download_failures
+                        .with_label_values(&[failure_reason(&error)])
+                        .inc();
                     progress_tx.send_modify(|p| p.phase = Phase::Failed(error));
                 }
             }
@@ -149,8 +168,15 @@ impl Mirror {
         progress: &watch::Sender<Progress>,
         mut first: Option<mpsc::Sender<Bytes>>,
     ) -> Result<u64, MirrorError> {
-        let request = UpstreamRequest::new(Method::GET, repo.as_str(), format!("/v2/{repo}/blobs/{digest}"));
-        let response = upstream.send(&request).await.map_err(|e| upstream_failure(upstream, e))?;
+        let request = UpstreamRequest::new(
+            Method::GET,
+            repo.as_str(),
+            format!("/v2/{repo}/blobs/{digest}"),
+        );
+        let response = upstream
+            .send(&request)
+            .await
+            .map_err(|e| upstream_failure(upstream, e))?;
         if response.status() != StatusCode::OK {
             return Err(super::status_error(upstream, response).await);
         }
@@ -161,7 +187,11 @@ impl Mirror {
             .and_then(|v| v.parse::<u64>().ok());
         let store_error = |e: StoreError| MirrorError::Store(e.to_string());
         let mut writer = self.store.begin_blob(digest, size).map_err(store_error)?;
-        let file = Arc::new(writer.reader().map_err(|e| MirrorError::Store(e.to_string()))?);
+        let file = Arc::new(
+            writer
+                .reader()
+                .map_err(|e| MirrorError::Store(e.to_string()))?,
+        );
         progress.send_modify(|p| {
             p.phase = Phase::Streaming { written: 0 };
             p.size = size;
@@ -181,11 +211,17 @@ impl Mirror {
         let mut batch_bytes = 0;
         let mut received: u64 = 0;
         loop {
-            let chunk = body.chunk().await.map_err(|e| upstream_failure(upstream, e))?;
+            let chunk = body
+                .chunk()
+                .await
+                .map_err(|e| upstream_failure(upstream, e))?;
             let Some(chunk) = chunk else { break };
             received += chunk.len() as u64;
             if size.is_some_and(|size| received > size) {
-                return Err(bad_content(format!("more than the announced {} bytes", size.unwrap_or(0))));
+                return Err(bad_content(format!(
+                    "more than the announced {} bytes",
+                    size.unwrap_or(0)
+                )));
             }
             self.metrics
                 .upstream_bytes
@@ -197,7 +233,10 @@ impl Mirror {
             batch_bytes += chunk.len();
             batch.push(chunk);
             if batch_bytes >= WRITE_BATCH {
-                writer.write_all(std::mem::take(&mut batch)).await.map_err(store_error)?;
+                writer
+                    .write_all(std::mem::take(&mut batch))
+                    .await
+                    .map_err(store_error)?;
                 batch_bytes = 0;
                 let written = writer.written();
                 progress.send_modify(|p| p.phase = Phase::Streaming { written });
@@ -206,7 +245,9 @@ impl Mirror {
         writer.write_all(batch).await.map_err(store_error)?;
         let total = writer.written();
         writer.commit().await.map_err(|e| match e {
-            StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => bad_content(e.to_string()),
+            StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => {
+                bad_content(e.to_string())
+            }
             other => store_error(other),
         })?;
         if let Some(last) = held_back {
@@ -283,7 +324,9 @@ impl Follower {
             };
             let limit = self.end.map_or(readable, |end| end.min(readable));
             if self.offset < limit {
-                let file = state.file.ok_or_else(|| io::Error::other("download has no file"))?;
+                let file = state
+                    .file
+                    .ok_or_else(|| io::Error::other("download has no file"))?;
                 let len = (limit - self.offset).min(READ_CHUNK as u64) as usize;
                 let offset = self.offset;
                 let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, offset, len))

@@ -94,8 +94,15 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn new(config: &Config, store: Arc<Store>, tags: Tags, pool: Pool, metrics: Arc<Metrics>) -> Self {
-        let credentials = |username: &Option<crate::config::Text>, password: &Option<crate::config::Secret>| {
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        tags: Tags,
+        pool: Pool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let credentials = |username: &Option<crate::config::Text>,
+                           password: &Option<crate::config::Secret>| {
             match (username, password) {
                 (Some(username), Some(password)) => Some(Credentials {
                     username: username.0.clone(),
@@ -106,7 +113,11 @@ impl Mirror {
         };
         let source = &config.mirroring.source;
         let docker_hub = is_docker_hub(source);
-        let default_name = if docker_hub { "docker.io".to_owned() } else { source.authority().to_owned() };
+        let default_name = if docker_hub {
+            "docker.io".to_owned()
+        } else {
+            source.authority().to_owned()
+        };
         let default_registry = Arc::new(Registry {
             upstream: Arc::new(Upstream::new(
                 default_name.clone(),
@@ -134,7 +145,10 @@ impl Mirror {
                     credentials(&entry.username, &entry.password),
                     pool.clone(),
                 )),
-                tags_ttl: entry.tags_cache_ttl.unwrap_or(config.mirroring.tags_cache_ttl).0,
+                tags_ttl: entry
+                    .tags_cache_ttl
+                    .unwrap_or(config.mirroring.tags_cache_ttl)
+                    .0,
                 docker_hub: is_docker_hub(&entry.url),
             });
             by_host.insert(host, registry);
@@ -146,7 +160,8 @@ impl Mirror {
             by_host,
             flights: Mutex::new(HashMap::new()),
             metrics,
-            max_manifest_size: usize::try_from(config.limits.max_manifest_size.0).unwrap_or(usize::MAX),
+            max_manifest_size: usize::try_from(config.limits.max_manifest_size.0)
+                .unwrap_or(usize::MAX),
             download_timeout: config.timeouts.download.0,
         }
     }
@@ -169,7 +184,10 @@ impl Mirror {
             )
         };
         let (registry, repo) = if let Some(ns) = ns {
-            let registry = self.by_host.get(&ns.to_ascii_lowercase()).ok_or_else(|| unknown(ns))?;
+            let registry = self
+                .by_host
+                .get(&ns.to_ascii_lowercase())
+                .ok_or_else(|| unknown(ns))?;
             (Arc::clone(registry), name)
         } else {
             match name.split_once('/') {
@@ -188,14 +206,24 @@ impl Mirror {
     }
 
     /// A manifest by tag or digest, for a client accepting `accept`.
-    pub async fn manifest(&self, target: &Target, reference: &Reference, accept: AcceptSet) -> Result<Manifest, MirrorError> {
+    pub async fn manifest(
+        &self,
+        target: &Target,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> Result<Manifest, MirrorError> {
         match reference {
             Reference::Digest(digest) => self.manifest_by_digest(target, digest, accept).await,
             Reference::Tag(tag) => self.manifest_by_tag(target, tag.as_str(), accept).await,
         }
     }
 
-    async fn manifest_by_digest(&self, target: &Target, digest: &Digest, accept: AcceptSet) -> Result<Manifest, MirrorError> {
+    async fn manifest_by_digest(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        accept: AcceptSet,
+    ) -> Result<Manifest, MirrorError> {
         if let Some(stored) = self.store.read_manifest(digest).await {
             if accept.accepts(&stored.media_type) {
                 self.metrics.cache_lookup("manifest", "hit");
@@ -208,7 +236,9 @@ impl Mirror {
             }
         }
         self.metrics.cache_lookup("manifest", "miss");
-        let fetched = self.fetch_manifest(target, &digest.to_string(), accept).await?;
+        let fetched = self
+            .fetch_manifest(target, &digest.to_string(), accept)
+            .await?;
         if fetched.digest != *digest {
             return Err(MirrorError::BadContent {
                 registry: target.registry.upstream.name().to_owned(),
@@ -219,18 +249,29 @@ impl Mirror {
         Ok(fetched)
     }
 
-    async fn manifest_by_tag(&self, target: &Target, tag: &str, accept: AcceptSet) -> Result<Manifest, MirrorError> {
+    async fn manifest_by_tag(
+        &self,
+        target: &Target,
+        tag: &str,
+        accept: AcceptSet,
+    ) -> Result<Manifest, MirrorError> {
         let upstream = &target.registry.upstream;
         let key = Tags::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
         let cached = match self.tags.get(&key).await {
-            Some(entry) => self.stored_for_tag(&entry).await.map(|manifest| (entry, manifest)),
+            Some(entry) => self
+                .stored_for_tag(&entry)
+                .await
+                .map(|manifest| (entry, manifest)),
             None => None,
         };
         let Some((entry, manifest)) = cached else {
             self.metrics.cache_lookup("tag", "miss");
             let manifest = self.fetch_manifest(target, tag, accept).await?;
             self.tags
-                .put(&key, &TagEntry::new(manifest.digest.to_string(), manifest.media_type.clone()))
+                .put(
+                    &key,
+                    &TagEntry::new(manifest.digest.to_string(), manifest.media_type.clone()),
+                )
                 .await;
             return Ok(manifest);
         };
@@ -241,19 +282,28 @@ impl Mirror {
         // Past the TTL: a HEAD (free against Docker Hub's pull limit) tells whether the tag moved.
         match self.head_manifest(target, tag, accept).await {
             Ok(Some(current)) if current == manifest.digest => {
-                self.metrics.tag_revalidations.with_label_values(&["unchanged"]).inc();
+                self.metrics
+                    .tag_revalidations
+                    .with_label_values(&["unchanged"])
+                    .inc();
                 self.metrics.cache_lookup("tag", "hit");
                 self.tags.put(&key, &entry.confirmed_now()).await;
                 Ok(manifest)
             }
             Ok(_) => {
-                self.metrics.tag_revalidations.with_label_values(&["changed"]).inc();
+                self.metrics
+                    .tag_revalidations
+                    .with_label_values(&["changed"])
+                    .inc();
                 self.metrics.cache_lookup("tag", "miss");
                 let fresh = self.fetch_manifest(target, tag, accept).await;
                 match fresh {
                     Ok(fresh) => {
                         self.tags
-                            .put(&key, &TagEntry::new(fresh.digest.to_string(), fresh.media_type.clone()))
+                            .put(
+                                &key,
+                                &TagEntry::new(fresh.digest.to_string(), fresh.media_type.clone()),
+                            )
                             .await;
                         Ok(fresh)
                     }
@@ -262,7 +312,10 @@ impl Mirror {
                 }
             }
             Err(error) if serves_stale(&error) => {
-                self.metrics.tag_revalidations.with_label_values(&["failed"]).inc();
+                self.metrics
+                    .tag_revalidations
+                    .with_label_values(&["failed"])
+                    .inc();
                 Ok(self.stale(manifest, &error))
             }
             Err(error) => Err(error),
@@ -288,7 +341,12 @@ impl Mirror {
     }
 
     /// `Ok(Some(digest))` from the upstream's `Docker-Content-Digest`, `Ok(None)` if it sent none.
-    async fn head_manifest(&self, target: &Target, reference: &str, accept: AcceptSet) -> Result<Option<Digest>, MirrorError> {
+    async fn head_manifest(
+        &self,
+        target: &Target,
+        reference: &str,
+        accept: AcceptSet,
+    ) -> Result<Option<Digest>, MirrorError> {
         let upstream = &target.registry.upstream;
         let response = upstream
             .send(&manifest_request(Method::HEAD, target, reference, accept))
@@ -305,7 +363,12 @@ impl Mirror {
     }
 
     /// GETs a manifest, verifies it and stores it.
-    async fn fetch_manifest(&self, target: &Target, reference: &str, accept: AcceptSet) -> Result<Manifest, MirrorError> {
+    async fn fetch_manifest(
+        &self,
+        target: &Target,
+        reference: &str,
+        accept: AcceptSet,
+    ) -> Result<Manifest, MirrorError> {
         let upstream = &target.registry.upstream;
         let response = upstream
             .send(&manifest_request(Method::GET, target, reference, accept))
@@ -336,15 +399,21 @@ impl Mirror {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Digest::parse(v).ok());
-        let algorithm = claimed.as_ref().map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
+        let algorithm = claimed
+            .as_ref()
+            .map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
         let digest = Digest::of(algorithm, &bytes);
         if let Some(claimed) = claimed {
             if claimed != digest {
-                return Err(bad(format!("Docker-Content-Digest says {claimed}, the bytes hash to {digest}")));
+                return Err(bad(format!(
+                    "Docker-Content-Digest says {claimed}, the bytes hash to {digest}"
+                )));
             }
         }
         if !accept.accepts(&media_type) {
-            return Err(bad(format!("the upstream answered {media_type}, which the client did not ask for")));
+            return Err(bad(format!(
+                "the upstream answered {media_type}, which the client did not ask for"
+            )));
         }
         self.store
             .write_manifest(&digest, &media_type, bytes.clone())
@@ -360,7 +429,12 @@ impl Mirror {
 
     /// A blob: from the store, from a download in flight, or by starting one. A HEAD for an
     /// uncached blob asks the upstream without downloading.
-    pub async fn blob(self: &Arc<Self>, target: &Target, digest: &Digest, head: bool) -> Result<BlobSource, MirrorError> {
+    pub async fn blob(
+        self: &Arc<Self>,
+        target: &Target,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<BlobSource, MirrorError> {
         if let Some(blob) = self.store.open_blob(digest).await {
             self.metrics.cache_lookup("blob", "hit");
             return Ok(BlobSource::Cached(blob));
@@ -368,7 +442,12 @@ impl Mirror {
         self.metrics.cache_lookup("blob", "miss");
         let upstream = &target.registry.upstream;
         if head {
-            let running = self.flights.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned();
+            let running = self
+                .flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(digest)
+                .cloned();
             if let Some(flight) = running {
                 let size = flight.started().await?;
                 return Ok(BlobSource::Downloading {
@@ -382,7 +461,10 @@ impl Mirror {
                 target.repo.as_str(),
                 format!("/v2/{}/blobs/{digest}", target.repo),
             );
-            let response = upstream.send(&request).await.map_err(|e| upstream_failure(upstream, e))?;
+            let response = upstream
+                .send(&request)
+                .await
+                .map_err(|e| upstream_failure(upstream, e))?;
             if response.status() != StatusCode::OK {
                 return Err(status_error(upstream, response).await);
             }
@@ -395,11 +477,20 @@ impl Mirror {
         }
         let (flight, first) = self.join_or_start(upstream, &target.repo, digest);
         let size = flight.started().await?;
-        Ok(BlobSource::Downloading { flight, size, first })
+        Ok(BlobSource::Downloading {
+            flight,
+            size,
+            first,
+        })
     }
 
     /// Tag lists and referrers: passed through with the client's query.
-    pub async fn listing(&self, target: &Target, path_suffix: &str, query: Option<&str>) -> Result<Passthrough, MirrorError> {
+    pub async fn listing(
+        &self,
+        target: &Target,
+        path_suffix: &str,
+        query: Option<&str>,
+    ) -> Result<Passthrough, MirrorError> {
         let upstream = &target.registry.upstream;
         let mut path = format!("/v2/{}/{path_suffix}", target.repo);
         if let Some(query) = query.filter(|q| !q.is_empty()) {
@@ -407,7 +498,10 @@ impl Mirror {
             path.push_str(query);
         }
         let request = UpstreamRequest::new(Method::GET, target.repo.as_str(), path);
-        let response = upstream.send(&request).await.map_err(|e| upstream_failure(upstream, e))?;
+        let response = upstream
+            .send(&request)
+            .await
+            .map_err(|e| upstream_failure(upstream, e))?;
         if !response.status().is_success() {
             return Err(status_error(upstream, response).await);
         }
@@ -426,11 +520,20 @@ impl Mirror {
             .collect_limited(MAX_LISTING)
             .await
             .map_err(|e| upstream_failure(upstream, e))?;
-        Ok(Passthrough { status, headers, body })
+        Ok(Passthrough {
+            status,
+            headers,
+            body,
+        })
     }
 }
 
-fn manifest_request(method: Method, target: &Target, reference: &str, accept: AcceptSet) -> UpstreamRequest {
+fn manifest_request(
+    method: Method,
+    target: &Target,
+    reference: &str,
+    accept: AcceptSet,
+) -> UpstreamRequest {
     let mut request = UpstreamRequest::new(
         method,
         target.repo.as_str(),
@@ -447,10 +550,22 @@ fn is_docker_hub(url: &BaseUrl) -> bool {
     host == "docker.io" || host.ends_with(".docker.io")
 }
 
-/// A first path component is a registry host if it has a dot or a port, or is `localhost`
-/// (the rule docker's reference parser uses).
+/// A first path component is a registry host if it is a host name (with a dot or a port) or
+/// `localhost`, the rule docker's reference parser uses. `..` is not a host.
 fn looks_like_host(component: &str) -> bool {
-    component.contains('.') || component.contains(':') || component == "localhost"
+    let (host, port) = match component.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (component, None),
+    };
+    let labels_ok = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    labels_ok && port_ok && (host.contains('.') || port.is_some() || host == "localhost")
 }
 
 /// Failures of the upstream (not of the request) allow a cached tag to be served past its TTL.
@@ -472,15 +587,47 @@ pub(crate) fn upstream_failure(upstream: &Upstream, error: UpstreamError) -> Mir
 }
 
 /// Turns an upstream error response into a [`MirrorError`], keeping its OCI body if readable.
-pub(crate) async fn status_error(upstream: &Upstream, response: Response<UpstreamBody>) -> MirrorError {
+pub(crate) async fn status_error(
+    upstream: &Upstream,
+    response: Response<UpstreamBody>,
+) -> MirrorError {
     let status = response.status();
     let retry_after = response.headers().get(RETRY_AFTER).cloned();
-    let body = response.into_body().collect_limited(MAX_ERROR_BODY).await.ok();
-    let body = body.filter(|b| serde_json::from_slice::<serde_json::Value>(b).is_ok_and(|v| v.get("errors").is_some()));
+    let body = response
+        .into_body()
+        .collect_limited(MAX_ERROR_BODY)
+        .await
+        .ok();
+    let body = body.filter(|b| {
+        serde_json::from_slice::<serde_json::Value>(b).is_ok_and(|v| v.get("errors").is_some())
+    });
     MirrorError::UpstreamStatus {
         registry: upstream.name().to_owned(),
         status,
         retry_after,
         body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_host;
+
+    #[test]
+    fn hosts_are_told_from_repository_components() {
+        for host in [
+            "ghcr.io",
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "registry-1.docker.io",
+        ] {
+            assert!(looks_like_host(host), "{host}");
+        }
+        for not_host in [
+            "library", "..", ".", "a..b", "my-app", "host:", ":5000", "a.b:x",
+        ] {
+            assert!(!looks_like_host(not_host), "{not_host}");
+        }
     }
 }

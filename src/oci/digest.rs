@@ -39,14 +39,19 @@ pub struct Digest {
 
 impl Digest {
     pub fn parse(s: &str) -> Result<Self, OciError> {
-        let invalid = |why: &str| OciError::new(ErrorCode::DigestInvalid, format!("invalid digest: {why}"));
-        let (algorithm, hex) = s.split_once(':').ok_or_else(|| invalid("expected algorithm:hex"))?;
+        let invalid =
+            |why: &str| OciError::new(ErrorCode::DigestInvalid, format!("invalid digest: {why}"));
+        let (algorithm, hex) = s
+            .split_once(':')
+            .ok_or_else(|| invalid("expected algorithm:hex"))?;
         let algorithm = match algorithm {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
             _ => return Err(invalid("unsupported algorithm (sha256 and sha512 are)")),
         };
-        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if hex.len() != algorithm.hex_len()
+            || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(invalid("wrong length or not lowercase hex"));
         }
         Ok(Self {
@@ -137,7 +142,11 @@ mod tests {
             &format!("md5:{}", "a".repeat(32)),
             &format!("sha256:{}/..", "a".repeat(61)),
         ] {
-            assert_eq!(Digest::parse(bad).unwrap_err().code, ErrorCode::DigestInvalid, "{bad}");
+            assert_eq!(
+                Digest::parse(bad).unwrap_err().code,
+                ErrorCode::DigestInvalid,
+                "{bad}"
+            );
         }
     }
 

@@ -46,7 +46,9 @@ impl ErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::BlobUnknown | ErrorCode::ManifestUnknown | ErrorCode::NameUnknown => StatusCode::NOT_FOUND,
+            ErrorCode::BlobUnknown | ErrorCode::ManifestUnknown | ErrorCode::NameUnknown => {
+                StatusCode::NOT_FOUND
+            }
             ErrorCode::DigestInvalid
             | ErrorCode::ManifestInvalid
             | ErrorCode::NameInvalid
@@ -119,6 +121,9 @@ mod tests {
         assert_eq!(value["errors"][0]["code"], "BLOB_UNKNOWN");
         assert_eq!(value["errors"][0]["message"], "blob unknown to registry");
         assert_eq!(ErrorCode::BlobUnknown.status(), StatusCode::NOT_FOUND);
-        assert_eq!(ErrorCode::Unsupported.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            ErrorCode::Unsupported.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
     }
 }

@@ -21,10 +21,13 @@ pub struct MediaType;
 impl MediaType {
     pub const OCI_INDEX: &'static str = "application/vnd.oci.image.index.v1+json";
     pub const OCI_MANIFEST: &'static str = "application/vnd.oci.image.manifest.v1+json";
-    pub const DOCKER_LIST: &'static str = "application/vnd.docker.distribution.manifest.list.v2+json";
-    pub const DOCKER_MANIFEST: &'static str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub const DOCKER_LIST: &'static str =
+        "application/vnd.docker.distribution.manifest.list.v2+json";
+    pub const DOCKER_MANIFEST: &'static str =
+        "application/vnd.docker.distribution.manifest.v2+json";
     pub const DOCKER_V1: &'static str = "application/vnd.docker.distribution.manifest.v1+json";
-    pub const DOCKER_V1_SIGNED: &'static str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    pub const DOCKER_V1_SIGNED: &'static str =
+        "application/vnd.docker.distribution.manifest.v1+prettyjws";
 }
 
 /// Which known manifest media types a request's `Accept` headers name (parameters such as `q=`
@@ -39,7 +42,10 @@ impl AcceptSet {
             let Ok(value) = value.to_str() else { continue };
             for item in value.split(',') {
                 let media_type = item.split(';').next().unwrap_or("").trim();
-                if let Some(index) = MANIFEST_TYPES.iter().position(|t| t.eq_ignore_ascii_case(media_type)) {
+                if let Some(index) = MANIFEST_TYPES
+                    .iter()
+                    .position(|t| t.eq_ignore_ascii_case(media_type))
+                {
                     bits |= 1 << index;
                 }
             }
@@ -113,6 +119,9 @@ mod tests {
         let set = AcceptSet::from_headers(&headers(&["*/*"]));
         assert!(set.is_empty());
         assert!(set.accepts(MediaType::OCI_INDEX));
-        assert_ne!(set.key(), AcceptSet::from_headers(&headers(&[MediaType::OCI_INDEX])).key());
+        assert_ne!(
+            set.key(),
+            AcceptSet::from_headers(&headers(&[MediaType::OCI_INDEX])).key()
+        );
     }
 }

@@ -16,7 +16,12 @@ pub struct RepoName(String);
 
 impl RepoName {
     pub fn parse(name: &str) -> Result<Self, OciError> {
-        let invalid = |why: &str| OciError::new(ErrorCode::NameInvalid, format!("invalid repository name: {why}"));
+        let invalid = |why: &str| {
+            OciError::new(
+                ErrorCode::NameInvalid,
+                format!("invalid repository name: {why}"),
+            )
+        };
         if name.is_empty() {
             return Err(invalid("empty"));
         }
@@ -25,7 +30,9 @@ impl RepoName {
         }
         for component in name.split('/') {
             if !is_path_component(component) {
-                return Err(invalid("components must match [a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*"));
+                return Err(invalid(
+                    "components must match [a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*",
+                ));
             }
         }
         Ok(Self(name.to_owned()))
@@ -102,7 +109,9 @@ pub struct Tag(String);
 impl Tag {
     pub fn parse(tag: &str) -> Result<Self, OciError> {
         let bytes = tag.as_bytes();
-        let first_ok = bytes.first().is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+        let first_ok = bytes
+            .first()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
         let rest_ok = bytes
             .iter()
             .skip(1)
@@ -159,10 +168,22 @@ mod tests {
 
     #[test]
     fn repository_names_follow_the_grammar() {
-        for good in ["alpine", "library/alpine", "a/b/c", "my-app", "a__b", "a.b", "a---b", "x9/y_z"] {
+        for good in [
+            "alpine",
+            "library/alpine",
+            "a/b/c",
+            "my-app",
+            "a__b",
+            "a.b",
+            "a---b",
+            "x9/y_z",
+        ] {
             assert!(RepoName::parse(good).is_ok(), "{good} should be valid");
         }
-        for bad in ["", "Alpine", "a//b", "/a", "a/", "-a", "a-", "a___b", "a..b", "..", "a/../b", "a b", "a%2fb"] {
+        for bad in [
+            "", "Alpine", "a//b", "/a", "a/", "-a", "a-", "a___b", "a..b", "..", "a/../b", "a b",
+            "a%2fb",
+        ] {
             let err = RepoName::parse(bad).expect_err(bad);
             assert_eq!(err.code, ErrorCode::NameInvalid, "{bad}");
         }
@@ -183,8 +204,20 @@ mod tests {
         for good in ["latest", "3.20", "_x", "v1-rc.2", &"a".repeat(128)] {
             assert!(Tag::parse(good).is_ok(), "{good}");
         }
-        for bad in ["", ".x", "-x", "a/b", "a:b", &"a".repeat(129), &"a".repeat(300)] {
-            assert_eq!(Tag::parse(bad).unwrap_err().code, ErrorCode::TagInvalid, "{bad}");
+        for bad in [
+            "",
+            ".x",
+            "-x",
+            "a/b",
+            "a:b",
+            &"a".repeat(129),
+            &"a".repeat(300),
+        ] {
+            assert_eq!(
+                Tag::parse(bad).unwrap_err().code,
+                ErrorCode::TagInvalid,
+                "{bad}"
+            );
         }
     }
 
@@ -192,7 +225,13 @@ mod tests {
     fn references_are_tags_or_digests() {
         assert!(matches!(Reference::parse("latest"), Ok(Reference::Tag(_))));
         let digest = format!("sha256:{}", "a".repeat(64));
-        assert!(matches!(Reference::parse(&digest), Ok(Reference::Digest(_))));
-        assert_eq!(Reference::parse("sha256:xyz").unwrap_err().code, ErrorCode::DigestInvalid);
+        assert!(matches!(
+            Reference::parse(&digest),
+            Ok(Reference::Digest(_))
+        ));
+        assert_eq!(
+            Reference::parse("sha256:xyz").unwrap_err().code,
+            ErrorCode::DigestInvalid
+        );
     }
 }

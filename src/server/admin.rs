@@ -32,7 +32,11 @@ impl Admin {
             ),
             "/healthz" => text(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
             "/readyz" => self.ready().await,
-            _ => text(StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                Bytes::from_static(b"not found\n"),
+            ),
         }
     }
 
@@ -48,13 +52,21 @@ impl Admin {
             "store": if store_ok { "writable" } else { "not writable" },
             "redis": redis,
         });
-        let status = if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let status = if store_ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         text(status, "application/json", Bytes::from(body.to_string()))
     }
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ResponseBody> {
-    let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed_unsync());
+    let mut response = Response::new(
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -87,7 +87,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
         Arc::clone(&metrics),
     );
-    let mirror = Arc::new(Mirror::new(&config, store, tags, pool, Arc::clone(&metrics)));
+    let mirror = Arc::new(Mirror::new(
+        &config,
+        store,
+        tags,
+        pool,
+        Arc::clone(&metrics),
+    ));
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -118,14 +124,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let metrics = Arc::clone(&api_metrics);
         async move { Ok::<_, Infallible>(logged(&api, &metrics, request).await) }
     };
-    let mut tasks = vec![tokio::spawn(serve(listener, handler, limits, shutdown_rx.clone()))];
+    let mut tasks = vec![tokio::spawn(serve(
+        listener,
+        handler,
+        limits,
+        shutdown_rx.clone(),
+    ))];
     if let Some(admin_listener) = admin_listener {
         let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics));
         let handler = move |request: Request<Incoming>| {
             let admin = admin.clone();
             async move { Ok::<_, Infallible>(admin.handle(request).await) }
         };
-        tasks.push(tokio::spawn(serve(admin_listener, handler, limits, shutdown_rx)));
+        tasks.push(tokio::spawn(serve(
+            admin_listener,
+            handler,
+            limits,
+            shutdown_rx,
+        )));
     }
     tracing::info!(%addr, admin = ?admin_addr, upstream = %config.mirroring.source.origin(), "gantry is serving");
     Ok(Running {
@@ -149,7 +165,11 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
 }
 
 /// Handles one API request and writes its log line and metrics.
-async fn logged(api: &Api, metrics: &Metrics, request: Request<Incoming>) -> Response<ResponseBody> {
+async fn logged(
+    api: &Api,
+    metrics: &Metrics,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -190,8 +210,12 @@ struct ConnectionLimits {
 
 /// The accept loop. Each connection task is watched by the graceful-shutdown tracker and holds a
 /// permit of the connection limit; accept errors are logged and the loop goes on.
-async fn serve<H, F>(listener: TcpListener, handler: H, limits: ConnectionLimits, mut shutdown: watch::Receiver<bool>)
-where
+async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    limits: ConnectionLimits,
+    mut shutdown: watch::Receiver<bool>,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
 {

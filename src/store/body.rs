@@ -52,7 +52,9 @@ impl FileChunks {
         let offset = self.next_read;
         self.next_read += len as u64;
         let file = Arc::clone(&self.file);
-        self.pending = Some(tokio::task::spawn_blocking(move || read_exact_at(&file, offset, len)));
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            read_exact_at(&file, offset, len)
+        }));
     }
 }
 
@@ -62,7 +64,12 @@ pub fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> 
     let mut filled = 0;
     while filled < len {
         match file.read_at(&mut buffer[filled..], offset + filled as u64) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended early")),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file ended early",
+                ))
+            }
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -75,7 +82,10 @@ impl Body for FileChunks {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let Some(pending) = self.pending.as_mut() else {
             return Poll::Ready(None);
         };

@@ -43,7 +43,11 @@ pub enum StoreError {
     #[error("content does not match its digest: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("content for {digest} is {actual} bytes, expected {expected}")]
-    SizeMismatch { digest: Digest, expected: u64, actual: u64 },
+    SizeMismatch {
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
     #[error("a blocking store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -134,7 +138,11 @@ pub struct GcReport {
 impl Store {
     /// Opens (creating if needed) the store at `root`: empties `tmp/`, indexes what is on disk by
     /// last use, and evicts down to `max_size`.
-    pub fn open(root: &Path, max_size: Option<u64>, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
+    pub fn open(
+        root: &Path,
+        max_size: Option<u64>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, StoreError> {
         for dir in ["blobs", "manifests"] {
             std::fs::create_dir_all(root.join(dir)).map_err(io_error(root))?;
         }
@@ -261,7 +269,12 @@ impl Store {
     }
 
     /// Stores a manifest after checking that `bytes` hash to `digest`.
-    pub async fn write_manifest(self: &Arc<Self>, digest: &Digest, media_type: &str, bytes: Bytes) -> Result<(), StoreError> {
+    pub async fn write_manifest(
+        self: &Arc<Self>,
+        digest: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<(), StoreError> {
         let actual = Digest::of(digest.algorithm(), &bytes);
         if actual != *digest {
             return Err(StoreError::DigestMismatch {
@@ -278,7 +291,11 @@ impl Store {
     }
 
     /// Starts writing a blob; it becomes visible only when [`BlobWriter::commit`] verifies it.
-    pub fn begin_blob(self: &Arc<Self>, digest: &Digest, expected_size: Option<u64>) -> Result<BlobWriter, StoreError> {
+    pub fn begin_blob(
+        self: &Arc<Self>,
+        digest: &Digest,
+        expected_size: Option<u64>,
+    ) -> Result<BlobWriter, StoreError> {
         BlobWriter::create(self, Kind::Blob, digest.clone(), expected_size)
     }
 
@@ -302,7 +319,9 @@ impl Store {
             let mut index = self.lock_index();
             let mut pinned = Vec::new();
             while index.total_bytes > max {
-                let Some((key, size)) = index.lru.pop_lru() else { break };
+                let Some((key, size)) = index.lru.pop_lru() else {
+                    break;
+                };
                 if index.pins.contains_key(&key) {
                     pinned.push((key, size));
                     continue;
@@ -330,8 +349,12 @@ impl Store {
 
     fn publish_size(&self) {
         let index = self.lock_index();
-        self.metrics.store_bytes.set(i64::try_from(index.total_bytes).unwrap_or(i64::MAX));
-        self.metrics.store_entries.set(i64::try_from(index.lru.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .store_bytes
+            .set(i64::try_from(index.total_bytes).unwrap_or(i64::MAX));
+        self.metrics
+            .store_entries
+            .set(i64::try_from(index.lru.len()).unwrap_or(i64::MAX));
     }
 
     /// Bytes and entries currently indexed.
@@ -407,9 +430,13 @@ fn manifest_body_offset(path: &Path) -> io::Result<u64> {
 fn scan(dir: &Path, kind: Kind, found: &mut Vec<(Key, u64, SystemTime)>) -> Result<(), StoreError> {
     for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
         let algorithm_dir = dir.join(algorithm.as_str());
-        let Ok(prefixes) = std::fs::read_dir(&algorithm_dir) else { continue };
+        let Ok(prefixes) = std::fs::read_dir(&algorithm_dir) else {
+            continue;
+        };
         for prefix in prefixes.flatten() {
-            let Ok(entries) = std::fs::read_dir(prefix.path()) else { continue };
+            let Ok(entries) = std::fs::read_dir(prefix.path()) else {
+                continue;
+            };
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let Some(digest) = name

@@ -12,7 +12,9 @@ fn open(dir: &Path, max: Option<u64>) -> Arc<Store> {
 
 async fn put_blob(store: &Arc<Store>, content: &[u8]) -> Digest {
     let digest = Digest::of(Algorithm::Sha256, content);
-    let mut writer = store.begin_blob(&digest, Some(content.len() as u64)).unwrap();
+    let mut writer = store
+        .begin_blob(&digest, Some(content.len() as u64))
+        .unwrap();
     for chunk in content.chunks(7) {
         writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
     }
@@ -37,7 +39,10 @@ async fn commits_verified_blobs_and_reads_them_back() {
     let digest = put_blob(&store, b"hello, layer").await;
     assert_eq!(read_all(&store, &digest).await, b"hello, layer");
     let hex = digest.hex();
-    assert!(dir.path().join(format!("blobs/sha256/{}/{hex}", &hex[..2])).is_file());
+    assert!(dir
+        .path()
+        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]))
+        .is_file());
     assert!(tmp_is_empty(dir.path()));
 }
 
@@ -48,12 +53,21 @@ async fn a_digest_or_size_mismatch_commits_nothing() {
     let claimed = Digest::of(Algorithm::Sha256, b"the real content");
 
     let mut writer = store.begin_blob(&claimed, None).unwrap();
-    writer.write(Bytes::from_static(b"corrupted content")).await.unwrap();
-    assert!(matches!(writer.commit().await, Err(StoreError::DigestMismatch { .. })));
+    writer
+        .write(Bytes::from_static(b"corrupted content"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        writer.commit().await,
+        Err(StoreError::DigestMismatch { .. })
+    ));
 
     let mut writer = store.begin_blob(&claimed, Some(16)).unwrap();
     writer.write(Bytes::from_static(b"the real")).await.unwrap();
-    assert!(matches!(writer.commit().await, Err(StoreError::SizeMismatch { .. })));
+    assert!(matches!(
+        writer.commit().await,
+        Err(StoreError::SizeMismatch { .. })
+    ));
 
     let writer = store.begin_blob(&claimed, None).unwrap();
     drop(writer);
@@ -69,11 +83,18 @@ async fn manifests_keep_their_media_type_and_exact_bytes() {
     let bytes = Bytes::from_static(b"{\"schemaVersion\":2,  \"odd\" : \"spacing\"}\n");
     let digest = Digest::of(Algorithm::Sha256, &bytes);
     store
-        .write_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", bytes.clone())
+        .write_manifest(
+            &digest,
+            "application/vnd.oci.image.manifest.v1+json",
+            bytes.clone(),
+        )
         .await
         .unwrap();
     let stored = store.read_manifest(&digest).await.unwrap();
-    assert_eq!(stored.media_type, "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        stored.media_type,
+        "application/vnd.oci.image.manifest.v1+json"
+    );
     assert_eq!(stored.bytes, bytes);
     let wrong = Digest::of(Algorithm::Sha256, b"other");
     assert!(store.write_manifest(&wrong, "x", bytes).await.is_err());
@@ -100,7 +121,10 @@ async fn evicts_least_recently_used_but_never_a_leased_entry() {
     assert!(!store.contains_blob(&c));
     drop(lease_a);
     let e = put_blob(&store, &[b'e'; 100]).await;
-    assert!(!store.contains_blob(&a), "once released, the oldest goes first");
+    assert!(
+        !store.contains_blob(&a),
+        "once released, the oldest goes first"
+    );
     assert!(store.contains_blob(&d) && store.contains_blob(&e));
 }
 
@@ -139,11 +163,23 @@ async fn file_chunks_serve_exact_ranges() {
     let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&path, &content).unwrap();
     let file = Arc::new(File::open(&path).unwrap());
-    for (start, end) in [(0, 3_000_000), (5, 6), (1_048_570, 2_100_000), (2_999_999, 3_000_000)] {
+    for (start, end) in [
+        (0, 3_000_000),
+        (5, 6),
+        (1_048_570, 2_100_000),
+        (2_999_999, 3_000_000),
+    ] {
         let body = FileChunks::new(Arc::clone(&file), start, end, None);
         let bytes = body.collect().await.unwrap().to_bytes();
-        assert_eq!(&bytes[..], &content[start as usize..end as usize], "{start}-{end}");
+        assert_eq!(
+            &bytes[..],
+            &content[start as usize..end as usize],
+            "{start}-{end}"
+        );
     }
     let past_the_end = FileChunks::new(file, 2_999_000, 3_000_100, None);
-    assert!(past_the_end.collect().await.is_err(), "a short file is an error, never a short body");
+    assert!(
+        past_the_end.collect().await.is_err(),
+        "a short file is an error, never a short body"
+    );
 }

@@ -43,9 +43,10 @@ impl BlobWriter {
         expected_size: Option<u64>,
     ) -> Result<Self, StoreError> {
         let unique = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp_path = store
-            .tmp_dir()
-            .join(format!("{}-{}-{unique}", digest.hex(), std::process::id()));
+        let tmp_path =
+            store
+                .tmp_dir()
+                .join(format!("{}-{}-{unique}", digest.hex(), std::process::id()));
         let file = File::options()
             .write(true)
             .create_new(true)
@@ -101,7 +102,8 @@ impl BlobWriter {
     /// Appends bytes that are not part of the content (a manifest's media type line).
     pub(super) async fn write_unhashed(&mut self, bytes: Bytes) -> Result<(), StoreError> {
         let added = bytes.len() as u64;
-        self.blocking(move |open| open.file.write_all(&bytes)).await?;
+        self.blocking(move |open| open.file.write_all(&bytes))
+            .await?;
         self.file_bytes += added;
         Ok(())
     }
@@ -156,7 +158,9 @@ impl BlobWriter {
         let destination = final_path.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             file.sync_all()?;
-            let parent = destination.parent().ok_or_else(|| io::Error::other("no parent directory"))?;
+            let parent = destination
+                .parent()
+                .ok_or_else(|| io::Error::other("no parent directory"))?;
             std::fs::create_dir_all(parent)?;
             std::fs::rename(&tmp_path, &destination)?;
             File::open(parent)?.sync_all()

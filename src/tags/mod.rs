@@ -59,7 +59,8 @@ fn now_ms() -> u64 {
 pub trait TagStore: Send + Sync {
     /// `Ok(None)` is a miss; `Err` is a cache failure, which callers also treat as a miss.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<TagEntry>, TagError>> + Send;
-    fn put(&self, key: &str, entry: &TagEntry) -> impl Future<Output = Result<(), TagError>> + Send;
+    fn put(&self, key: &str, entry: &TagEntry)
+        -> impl Future<Output = Result<(), TagError>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +176,10 @@ mod tests {
         let tags = Tags::new(None, std::sync::Arc::new(Metrics::new()));
         let key = Tags::key("docker.io", "library/alpine", "3.20", "a1");
         assert!(tags.get(&key).await.is_none());
-        let entry = TagEntry::new("sha256:x".into(), "application/vnd.oci.image.index.v1+json".into());
+        let entry = TagEntry::new(
+            "sha256:x".into(),
+            "application/vnd.oci.image.index.v1+json".into(),
+        );
         tags.put(&key, &entry).await;
         assert_eq!(tags.get(&key).await, Some(entry));
         assert!(tags.redis_reachable().await.is_none());
@@ -183,7 +187,13 @@ mod tests {
 
     #[test]
     fn keys_separate_registries_and_accept_sets() {
-        assert_ne!(Tags::key("a.io", "x/y", "t", "a1"), Tags::key("b.io", "x/y", "t", "a1"));
-        assert_ne!(Tags::key("a.io", "x/y", "t", "a1"), Tags::key("a.io", "x/y", "t", "a2"));
+        assert_ne!(
+            Tags::key("a.io", "x/y", "t", "a1"),
+            Tags::key("b.io", "x/y", "t", "a1")
+        );
+        assert_ne!(
+            Tags::key("a.io", "x/y", "t", "a1"),
+            Tags::key("a.io", "x/y", "t", "a2")
+        );
     }
 }

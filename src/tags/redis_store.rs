@@ -40,7 +40,10 @@ impl RedisTags {
         if let Some(live) = &state.live {
             return Ok(live.clone());
         }
-        if state.last_attempt.is_some_and(|at| at.elapsed() < RECONNECT_INTERVAL) {
+        if state
+            .last_attempt
+            .is_some_and(|at| at.elapsed() < RECONNECT_INTERVAL)
+        {
             return Err(TagError::Disconnected);
         }
         state.last_attempt = Some(Instant::now());
@@ -56,7 +59,9 @@ impl RedisTags {
     /// Runs one command; on failure the connection is dropped so the next call reconnects.
     async fn run<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Result<T, TagError> {
         let mut connection = self.connection().await?;
-        let result = tokio::time::timeout(OPERATION_TIMEOUT, command.query_async::<T>(&mut connection)).await;
+        let result =
+            tokio::time::timeout(OPERATION_TIMEOUT, command.query_async::<T>(&mut connection))
+                .await;
         let outcome = match result {
             Err(_) => Err(TagError::Timeout(OPERATION_TIMEOUT)),
             Ok(result) => result.map_err(TagError::from),

@@ -103,8 +103,8 @@ impl Credentials {
     pub fn basic_header(&self) -> HeaderValue {
         let raw = format!("{}:{}", self.username, self.password.expose());
         let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
-        let mut value =
-            HeaderValue::from_str(&format!("Basic {encoded}")).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
         value.set_sensitive(true);
         value
     }
@@ -127,7 +127,10 @@ impl TokenResponse {
         let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
         let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         value.set_sensitive(true);
-        let lifetime = self.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        let lifetime = self
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
         Some((value, lifetime))
     }
 }
@@ -161,7 +164,10 @@ impl TokenCache {
     }
 
     pub fn remove(&self, scope: &str) {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(scope);
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(scope);
     }
 }
 
@@ -186,25 +192,47 @@ mod tests {
 
     #[test]
     fn parses_unquoted_escaped_and_basic() {
-        let value = HeaderValue::from_static(r#"bearer realm=https://r/t, service="a\"b",error="insufficient_scope""#);
-        let Some(Challenge::Bearer { realm, service, scope }) = Challenge::parse([&value]) else {
+        let value = HeaderValue::from_static(
+            r#"bearer realm=https://r/t, service="a\"b",error="insufficient_scope""#,
+        );
+        let Some(Challenge::Bearer {
+            realm,
+            service,
+            scope,
+        }) = Challenge::parse([&value])
+        else {
             panic!("not parsed");
         };
-        assert_eq!((realm.as_str(), service.as_deref(), scope), ("https://r/t", Some("a\"b"), None));
-        let basic = HeaderValue::from_static(r#"Basic realm="https://123.dkr.ecr.us-east-1.amazonaws.com/""#);
+        assert_eq!(
+            (realm.as_str(), service.as_deref(), scope),
+            ("https://r/t", Some("a\"b"), None)
+        );
+        let basic = HeaderValue::from_static(
+            r#"Basic realm="https://123.dkr.ecr.us-east-1.amazonaws.com/""#,
+        );
         assert_eq!(Challenge::parse([&basic]), Some(Challenge::Basic));
-        assert_eq!(Challenge::parse([&HeaderValue::from_static("Negotiate")]), None);
-        assert_eq!(Challenge::parse([&HeaderValue::from_static("Bearer service=x")]), None);
+        assert_eq!(
+            Challenge::parse([&HeaderValue::from_static("Negotiate")]),
+            None
+        );
+        assert_eq!(
+            Challenge::parse([&HeaderValue::from_static("Bearer service=x")]),
+            None
+        );
     }
 
     #[test]
     fn tokens_take_either_field_and_a_default_lifetime() {
-        let parsed: TokenResponse = serde_json::from_str(r#"{"access_token":"abc","expires_in":5}"#).unwrap();
+        let parsed: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"abc","expires_in":5}"#).unwrap();
         let (value, lifetime) = parsed.into_authorization().unwrap();
         assert_eq!(value, "Bearer abc");
         assert_eq!(lifetime, Duration::from_secs(5));
         let parsed: TokenResponse = serde_json::from_str(r#"{"token":"abc"}"#).unwrap();
-        assert_eq!(parsed.into_authorization().unwrap().1, Duration::from_secs(60));
+        assert_eq!(
+            parsed.into_authorization().unwrap().1,
+            Duration::from_secs(60)
+        );
         let empty: TokenResponse = serde_json::from_str(r#"{"token":""}"#).unwrap();
         assert!(empty.into_authorization().is_none());
     }
@@ -212,9 +240,16 @@ mod tests {
     #[test]
     fn cache_forgets_expired_tokens() {
         let cache = TokenCache::default();
-        cache.insert("a", HeaderValue::from_static("Bearer a"), Duration::from_secs(300));
+        cache.insert(
+            "a",
+            HeaderValue::from_static("Bearer a"),
+            Duration::from_secs(300),
+        );
         cache.insert("b", HeaderValue::from_static("Bearer b"), Duration::ZERO);
         assert!(cache.get("a").is_some());
-        assert!(cache.get("b").is_none(), "an expired token is not handed out");
+        assert!(
+            cache.get("b").is_none(),
+            "an expired token is not handed out"
+        );
     }
 }

@@ -182,16 +182,24 @@ impl Upstream {
     }
 
     /// Sends `request`, answering one authentication challenge and following redirects.
-    pub async fn send(&self, request: &UpstreamRequest) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let mut authorization = self.cached_or_prefetched_authorization(&request.scope).await?;
-        let response = self.send_following_redirects(request, authorization.clone()).await?;
+    pub async fn send(
+        &self,
+        request: &UpstreamRequest,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut authorization = self
+            .cached_or_prefetched_authorization(&request.scope)
+            .await?;
+        let response = self
+            .send_following_redirects(request, authorization.clone())
+            .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
         let Some(challenge) = Challenge::parse(response.headers().get_all(WWW_AUTHENTICATE)) else {
             return Ok(response);
         };
-        // A rejected token is forgotten; the challenge says how to get a new one.
+        // A rejected token is forgotten; the challenge says how to get a new one, and for which
+        // scope (a registry may want more than the repository's pull scope).
         if authorization.is_some() {
             self.tokens.remove(&request.scope);
         }
@@ -202,11 +210,18 @@ impl Upstream {
         self.send_following_redirects(request, authorization).await
     }
 
-    async fn cached_or_prefetched_authorization(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
+    async fn cached_or_prefetched_authorization(
+        &self,
+        scope: &str,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
         if let Some(token) = self.tokens.get(scope) {
             return Ok(Some(token));
         }
-        let known = self.challenge.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let known = self
+            .challenge
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         match known {
             Some(challenge) => self.authorize(&challenge, scope).await,
             None => Ok(None),
@@ -215,16 +230,31 @@ impl Upstream {
 
     /// Turns a challenge into an `Authorization` value for `scope`, or `None` when there is
     /// nothing to answer it with (Basic without credentials).
-    async fn authorize(&self, challenge: &Challenge, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
+    async fn authorize(
+        &self,
+        challenge: &Challenge,
+        scope: &str,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
         match challenge {
             Challenge::Basic => Ok(self.credentials.as_ref().map(Credentials::basic_header)),
-            Challenge::Bearer { realm, service, .. } => {
-                *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) = Some(challenge.clone());
+            Challenge::Bearer {
+                realm,
+                service,
+                scope: wanted,
+            } => {
+                *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Challenge::Bearer {
+                        realm: realm.clone(),
+                        service: service.clone(),
+                        scope: None,
+                    });
                 let _one_at_a_time = self.token_fetch.lock().await;
                 if let Some(token) = self.tokens.get(scope) {
                     return Ok(Some(token));
                 }
-                let (value, lifetime) = self.fetch_token(realm, service.as_deref(), scope).await?;
+                // The token is cached under our scope, but asked for with the one the registry named.
+                let asked = wanted.as_deref().unwrap_or(scope);
+                let (value, lifetime) = self.fetch_token(realm, service.as_deref(), asked).await?;
                 self.tokens.insert(scope, value.clone(), lifetime);
                 Ok(Some(value))
             }
@@ -253,7 +283,9 @@ impl Upstream {
                 separator = '&';
             }
         }
-        let uri: Uri = url.parse().map_err(|_| token_error("the realm is not a URL".into()))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| token_error("the realm is not a URL".into()))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err(token_error("the realm is not an http(s) URL".into()));
         }
@@ -266,15 +298,20 @@ impl Upstream {
                 tracing::warn!(registry = %self.name, %realm, "not sending credentials to a plain-http token realm on another host");
             }
         }
-        let request = builder.body(Empty::new()).map_err(|e| token_error(e.to_string()))?;
+        let request = builder
+            .body(Empty::new())
+            .map_err(|e| token_error(e.to_string()))?;
         let response = self.exchange(request, "token").await?;
         let status = response.status();
-        let body = response.into_body().collect_limited(MAX_TOKEN_RESPONSE).await?;
+        let body = response
+            .into_body()
+            .collect_limited(MAX_TOKEN_RESPONSE)
+            .await?;
         if !status.is_success() {
             return Err(token_error(format!("answered {status}")));
         }
-        let parsed: TokenResponse =
-            serde_json::from_slice(&body).map_err(|e| token_error(format!("unreadable token response: {e}")))?;
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| token_error(format!("unreadable token response: {e}")))?;
         tracing::debug!(registry = %self.name, %scope, "fetched an upstream token");
         parsed
             .into_authorization()
@@ -290,7 +327,8 @@ impl Upstream {
             .parse()
             .map_err(|_| self.redirect_error("the request path is not a valid URL"))?;
         for _ in 0..=MAX_REDIRECTS {
-            let same_origin = uri.scheme() == self.base.0.scheme() && uri.authority() == self.base.0.authority();
+            let same_origin =
+                uri.scheme() == self.base.0.scheme() && uri.authority() == self.base.0.authority();
             let mut builder = Request::builder()
                 .method(request.method.clone())
                 .uri(uri.clone())
@@ -310,7 +348,8 @@ impl Upstream {
                 .map_err(|_| self.redirect_error("cannot build the request"))?;
             let route = if same_origin { "registry" } else { "redirect" };
             let response = self.exchange(outgoing, route).await?;
-            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED {
+            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
+            {
                 return Ok(response);
             }
             let location = response
@@ -318,17 +357,26 @@ impl Upstream {
                 .get(LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .ok_or_else(|| self.redirect_error("a redirect without Location"))?;
-            uri = resolve_location(&uri, location).ok_or_else(|| self.redirect_error("a redirect to an invalid URL"))?;
+            uri = resolve_location(&uri, location)
+                .ok_or_else(|| self.redirect_error("a redirect to an invalid URL"))?;
             tracing::debug!(registry = %self.name, %uri, "following a redirect");
         }
         Err(self.redirect_error("too many redirects"))
     }
 
     /// One HTTP exchange with the first-byte timeout, counted in the metrics.
-    async fn exchange(&self, request: Request<Empty<Bytes>>, route: &str) -> Result<Response<UpstreamBody>, UpstreamError> {
+    async fn exchange(
+        &self,
+        request: Request<Empty<Bytes>>,
+        route: &str,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let method = request.method().clone();
         let timer = std::time::Instant::now();
-        let result = tokio::time::timeout(self.pool.timeouts.first_byte, self.pool.client.request(request)).await;
+        let result = tokio::time::timeout(
+            self.pool.timeouts.first_byte,
+            self.pool.client.request(request),
+        )
+        .await;
         let outcome = match result {
             Err(_) => Err(UpstreamError::Timeout {
                 registry: self.name.clone(),
@@ -344,9 +392,13 @@ impl Upstream {
             Ok(response) => response.status().as_str().to_owned(),
             Err(_) => "error".to_owned(),
         };
-        self.pool
-            .metrics
-            .upstream_request(&self.name, method.as_str(), route, &status, timer.elapsed());
+        self.pool.metrics.upstream_request(
+            &self.name,
+            method.as_str(),
+            route,
+            &status,
+            timer.elapsed(),
+        );
         let response = outcome?;
         Ok(response.map(|inner| UpstreamBody {
             inner,
@@ -472,17 +524,25 @@ mod tests {
 
     #[test]
     fn resolves_absolute_and_relative_locations() {
-        let base: Uri = "https://registry.example/v2/a/blobs/sha256:x".parse().unwrap();
+        let base: Uri = "https://registry.example/v2/a/blobs/sha256:x"
+            .parse()
+            .unwrap();
         assert_eq!(
-            resolve_location(&base, "https://cdn.example/x?sig=1").unwrap().to_string(),
+            resolve_location(&base, "https://cdn.example/x?sig=1")
+                .unwrap()
+                .to_string(),
             "https://cdn.example/x?sig=1"
         );
         assert_eq!(
-            resolve_location(&base, "/other/path?q=1").unwrap().to_string(),
+            resolve_location(&base, "/other/path?q=1")
+                .unwrap()
+                .to_string(),
             "https://registry.example/other/path?q=1"
         );
         assert_eq!(
-            resolve_location(&base, "//cdn.example/y").unwrap().to_string(),
+            resolve_location(&base, "//cdn.example/y")
+                .unwrap()
+                .to_string(),
             "https://cdn.example/y"
         );
         assert!(resolve_location(&base, "relative").is_none());

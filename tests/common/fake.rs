@@ -37,7 +37,11 @@ impl Seen {
             .split('&')
             .filter_map(|p| p.split_once('='))
             .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.replace("%3A", ":").replace("%2F", "/").replace("%2C", ","))
+            .map(|(_, v)| {
+                v.replace("%3A", ":")
+                    .replace("%2F", "/")
+                    .replace("%2C", ",")
+            })
     }
 }
 
@@ -108,7 +112,9 @@ impl Fake {
         let task_seen = Arc::clone(&seen);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (seen, handler) = (Arc::clone(&task_seen), Arc::clone(&handler));
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
@@ -152,25 +158,28 @@ impl Drop for Fake {
 fn respond(scripted: Scripted) -> Response<UnsyncBoxBody<Bytes, std::io::Error>> {
     let ending = scripted.ending.clone();
     let chunks = scripted.chunks;
-    let stream = futures_util::stream::unfold((chunks.into_iter(), false), move |(mut chunks, ended)| {
-        let ending = ending.clone();
-        async move {
-            if ended {
-                return None;
-            }
-            if let Some(chunk) = chunks.next() {
-                return Some((Ok(Frame::data(chunk)), (chunks, false)));
-            }
-            match ending {
-                Ending::Complete => None,
-                Ending::Abort => Some((Err(std::io::Error::other("scripted abort")), (chunks, true))),
-                Ending::Stall => {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    None
+    let stream =
+        futures_util::stream::unfold((chunks.into_iter(), false), move |(mut chunks, ended)| {
+            let ending = ending.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                if let Some(chunk) = chunks.next() {
+                    return Some((Ok(Frame::data(chunk)), (chunks, false)));
+                }
+                match ending {
+                    Ending::Complete => None,
+                    Ending::Abort => {
+                        Some((Err(std::io::Error::other("scripted abort")), (chunks, true)))
+                    }
+                    Ending::Stall => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        None
+                    }
                 }
             }
-        }
-    });
+        });
     let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
     *response.status_mut() = scripted.status;
     for (name, value) in scripted.headers {

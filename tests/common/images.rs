@@ -60,7 +60,8 @@ impl Layout {
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();
         for (i, size) in layer_sizes.iter().enumerate() {
-            let (digest, length, diff_id) = self.layer(&format!("layer-{i}.bin"), *size, seed * 1000 + i as u64);
+            let (digest, length, diff_id) =
+                self.layer(&format!("layer-{i}.bin"), *size, seed * 1000 + i as u64);
             layers.push((digest, length));
             diff_ids.push(diff_id);
         }
@@ -127,7 +128,13 @@ impl Layout {
         let padding = (512 - size % 512) % 512;
         out.write(&vec![0u8; padding + 1024]);
         let (digest, length, diff_id) = out.finish();
-        std::fs::rename(&tmp, self.dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).unwrap();
+        std::fs::rename(
+            &tmp,
+            self.dir
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap();
         (digest, length, diff_id)
     }
 
@@ -166,7 +173,11 @@ impl Layout {
 
     pub fn write_index(&self) {
         let index = json!({"schemaVersion": 2, "manifests": self.tagged});
-        std::fs::write(self.dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        std::fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
     }
 }
 
@@ -253,7 +264,11 @@ const CRC_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;

@@ -32,11 +32,18 @@ pub use registry::{CountingProxy, Registry};
 
 /// Returns false (after saying so) when a tool is missing outside CI; panics when it is missing in CI.
 pub fn require_tools(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|tool| which(tool).is_none()).collect();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| which(tool).is_none())
+        .collect();
     if missing.is_empty() {
         return true;
     }
-    let message = format!("missing tools: {} (scripts/test installs them)", missing.join(", "));
+    let message = format!(
+        "missing tools: {} (scripts/test installs them)",
+        missing.join(", ")
+    );
     if std::env::var_os("CI").is_some() {
         panic!("{message}");
     }
@@ -113,7 +120,8 @@ impl Reply {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 }
 
@@ -122,10 +130,13 @@ pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Res
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
-    let response = tokio::time::timeout(Duration::from_secs(60), client().request(builder.body(Empty::new()).unwrap()))
-        .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(
+        Duration::from_secs(60),
+        client().request(builder.body(Empty::new()).unwrap()),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok(Reply {
@@ -148,22 +159,33 @@ pub struct Gantry {
     pub dir: TempDir,
 }
 
+/// Lines added to the harness's YAML config, each indented for its section.
+#[derive(Clone, Copy, Default)]
+pub struct Options<'a> {
+    /// Lines inside `storage:` (two-space indent), e.g. `  max_size: 3MiB`.
+    pub storage: &'a str,
+    /// Lines inside `mirroring:` (two-space indent), e.g. `  username: me`.
+    pub mirroring: &'a str,
+    /// Top-level sections, e.g. `cache:` or `registries:`.
+    pub extra: &'a str,
+}
+
 impl Gantry {
     /// Mirrors `upstream_url` with a config written as YAML (the contract users write).
     pub async fn start(upstream_url: &str) -> Self {
-        Self::start_with(upstream_url, "").await
+        Self::start_with(
+            tempfile::tempdir().unwrap(),
+            upstream_url,
+            Options::default(),
+        )
+        .await
     }
 
-    /// `extra` is appended to the YAML config (e.g. a `cache:` or `registries:` section).
-    pub async fn start_with(upstream_url: &str, extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, upstream_url, extra).await
-    }
-
-    pub async fn start_in(dir: TempDir, upstream_url: &str, extra: &str) -> Self {
+    pub async fn start_with(dir: TempDir, upstream_url: &str, options: Options<'_>) -> Self {
         init_logging();
-        let yaml = config_yaml(dir.path(), upstream_url, extra);
-        let config = Config::from_yaml(&yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let yaml = config_yaml(dir.path(), upstream_url, options);
+        let config = Config::from_yaml(&yaml, Path::new("test.yaml"))
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
         let running = gantry::server::start(config).await.expect("gantry starts");
         Self {
             running: Some(running),
@@ -184,7 +206,10 @@ impl Gantry {
     }
 
     pub fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.running().admin_addr.expect("admin listener"))
+        format!(
+            "http://{}{path}",
+            self.running().admin_addr.expect("admin listener")
+        )
     }
 
     pub async fn metrics(&self) -> String {
@@ -201,10 +226,13 @@ impl Gantry {
 }
 
 /// The YAML config the harness runs gantry with.
-pub fn config_yaml(dir: &Path, upstream_url: &str, extra: &str) -> String {
+pub fn config_yaml(dir: &Path, upstream_url: &str, options: Options<'_>) -> String {
     format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstorage:\n  path: {}\nmirroring:\n  source: {upstream_url}\n  tags_cache_ttl: 10m\ntimeouts:\n  shutdown: 5s\n{extra}",
-        dir.join("store").display()
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstorage:\n  path: {}\n{}\nmirroring:\n  source: {upstream_url}\n  tags_cache_ttl: 10m\n{}\ntimeouts:\n  shutdown: 5s\n{}\n",
+        dir.join("store").display(),
+        options.storage,
+        options.mirroring,
+        options.extra,
     )
 }
 

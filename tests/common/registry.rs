@@ -67,7 +67,11 @@ impl Registry {
             async move { http_get(&url, &[]).await.is_ok() }
         })
         .await;
-        assert!(up, "docker-registry did not come up; its log:\n{}", Self::read_log(dir.path()));
+        assert!(
+            up,
+            "docker-registry did not come up; its log:\n{}",
+            Self::read_log(dir.path())
+        );
         Self { addr, child, dir }
     }
 
@@ -110,15 +114,22 @@ impl CountingProxy {
         let (task_seen, task_down) = (Arc::clone(&seen), Arc::clone(&down));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 if task_down.load(Ordering::SeqCst) {
                     drop(stream);
                     continue;
                 }
-                let (seen, down, client) = (Arc::clone(&task_seen), Arc::clone(&task_down), client.clone());
+                let (seen, down, client) = (
+                    Arc::clone(&task_seen),
+                    Arc::clone(&task_down),
+                    client.clone(),
+                );
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
-                        let (seen, down, client) = (Arc::clone(&seen), Arc::clone(&down), client.clone());
+                        let (seen, down, client) =
+                            (Arc::clone(&seen), Arc::clone(&down), client.clone());
                         async move {
                             if down.load(Ordering::SeqCst) {
                                 return Err("upstream is down".to_owned());
@@ -126,12 +137,20 @@ impl CountingProxy {
                             seen.lock().unwrap().push(Seen {
                                 method: request.method().clone(),
                                 path: request.uri().to_string(),
-                                authorization: request.headers().contains_key(http::header::AUTHORIZATION),
+                                authorization: request
+                                    .headers()
+                                    .contains_key(http::header::AUTHORIZATION),
                             });
                             let (parts, _) = request.into_parts();
-                            let mut forwarded = Request::builder()
-                                .method(parts.method)
-                                .uri(format!("http://{target}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")));
+                            let mut forwarded =
+                                Request::builder().method(parts.method).uri(format!(
+                                    "http://{target}{}",
+                                    parts
+                                        .uri
+                                        .path_and_query()
+                                        .map(|p| p.as_str())
+                                        .unwrap_or("/")
+                                ));
                             for (name, value) in &parts.headers {
                                 if name != http::header::HOST {
                                     forwarded = forwarded.header(name, value);
@@ -151,7 +170,12 @@ impl CountingProxy {
                 });
             }
         });
-        Self { addr, seen, down, task }
+        Self {
+            addr,
+            seen,
+            down,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
