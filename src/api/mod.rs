@@ -222,7 +222,7 @@ fn manifest_response<B>(
     if manifest.stale {
         headers.insert(
             WARNING,
-            HeaderValue::from_static("110 gantry \"Response is Stale\""),
+            HeaderValue::from_static(crate::mirror::STALE_WARNING),
         );
     }
     response

@@ -10,7 +10,7 @@ mod error;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -31,6 +31,9 @@ use crate::upstream::{Credentials, Pool, Upstream, UpstreamBody, UpstreamError, 
 const MAX_ERROR_BODY: usize = 64 << 10;
 /// Tag lists and referrers indexes are passed through whole, so they are capped.
 const MAX_LISTING: usize = 4 << 20;
+
+/// Cached tag lists and referrers indexes (each at most `MAX_LISTING` bytes, most far smaller).
+const MAX_LISTINGS: u64 = 10_000;
 
 /// Host names under which Docker Hub is known to clients (`ns=docker.io`, `/v2/docker.io/...`).
 const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "registry-1.docker.io", "index.docker.io"];
@@ -75,6 +78,7 @@ pub enum BlobSource {
 }
 
 /// An upstream answer passed through as it is (tag lists, referrers).
+#[derive(Clone)]
 pub struct Passthrough {
     pub status: StatusCode,
     pub headers: HeaderMap,
@@ -88,6 +92,8 @@ pub struct Mirror {
     /// Every registry by each host name clients may use for it.
     by_host: HashMap<String, Arc<Registry>>,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
+    /// Tag lists and referrers, with when they were fetched; fresh for the registry's tag TTL.
+    listings: moka::future::Cache<String, (Instant, Passthrough)>,
     metrics: Arc<Metrics>,
     max_manifest_size: usize,
     download_timeout: Duration,
@@ -159,6 +165,10 @@ impl Mirror {
             default_registry,
             by_host,
             flights: Mutex::new(HashMap::new()),
+            listings: moka::future::Cache::builder()
+                .max_capacity(MAX_LISTINGS)
+                .time_to_live(crate::tags::RETENTION)
+                .build(),
             metrics,
             max_manifest_size: usize::try_from(config.limits.max_manifest_size.0)
                 .unwrap_or(usize::MAX),
@@ -266,14 +276,19 @@ impl Mirror {
         };
         let Some((entry, manifest)) = cached else {
             self.metrics.cache_lookup("tag", "miss");
-            let manifest = self.fetch_manifest(target, tag, accept).await?;
-            self.tags
-                .put(
-                    &key,
-                    &TagEntry::new(manifest.digest.to_string(), manifest.media_type.clone()),
-                )
-                .await;
-            return Ok(manifest);
+            return match self.fetch_manifest(target, tag, accept).await {
+                Ok(manifest) => {
+                    self.remember_tag(target, tag, &key, &manifest).await;
+                    Ok(manifest)
+                }
+                Err(error) if serves_stale(&error) => {
+                    match self.any_cached_answer(target, tag, accept).await {
+                        Some(manifest) => Ok(self.stale(manifest, &error)),
+                        None => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            };
         };
         if entry.age() < target.registry.tags_ttl {
             self.metrics.cache_lookup("tag", "hit");
@@ -299,12 +314,7 @@ impl Mirror {
                 let fresh = self.fetch_manifest(target, tag, accept).await;
                 match fresh {
                     Ok(fresh) => {
-                        self.tags
-                            .put(
-                                &key,
-                                &TagEntry::new(fresh.digest.to_string(), fresh.media_type.clone()),
-                            )
-                            .await;
+                        self.remember_tag(target, tag, &key, &fresh).await;
                         Ok(fresh)
                     }
                     Err(error) if serves_stale(&error) => Ok(self.stale(manifest, &error)),
@@ -322,6 +332,30 @@ impl Mirror {
         }
     }
 
+    /// Records what a tag names for this Accept set, and as the tag's latest answer for any.
+    async fn remember_tag(&self, target: &Target, tag: &str, key: &str, manifest: &Manifest) {
+        let entry = TagEntry::new(manifest.digest.to_string(), manifest.media_type.clone());
+        self.tags.put(key, &entry).await;
+        let any = Tags::any_key(target.registry.upstream.name(), target.repo.as_str(), tag);
+        self.tags.put(&any, &entry).await;
+    }
+
+    /// During an outage, a client whose Accept set never asked for this tag can still be served
+    /// what another client got, if it accepts that media type.
+    async fn any_cached_answer(
+        &self,
+        target: &Target,
+        tag: &str,
+        accept: AcceptSet,
+    ) -> Option<Manifest> {
+        let any = Tags::any_key(target.registry.upstream.name(), target.repo.as_str(), tag);
+        let entry = self.tags.get(&any).await?;
+        if !accept.accepts(&entry.media_type) {
+            return None;
+        }
+        self.stored_for_tag(&entry).await
+    }
+
     fn stale(&self, mut manifest: Manifest, error: &MirrorError) -> Manifest {
         tracing::warn!(%error, digest = %manifest.digest, "upstream failed; serving the cached tag");
         self.metrics.cache_lookup("tag", "stale");
@@ -329,13 +363,33 @@ impl Mirror {
         manifest
     }
 
+    /// The manifest a tag entry names: from the store, else shared by another replica through
+    /// Redis (verified against its digest, then stored).
     async fn stored_for_tag(&self, entry: &TagEntry) -> Option<Manifest> {
         let digest = Digest::parse(&entry.digest).ok()?;
-        let stored = self.store.read_manifest(&digest).await?;
+        if let Some(stored) = self.store.read_manifest(&digest).await {
+            return Some(Manifest {
+                digest,
+                media_type: stored.media_type,
+                bytes: stored.bytes,
+                stale: false,
+            });
+        }
+        let (media_type, bytes) = self.tags.shared_manifest(&entry.digest).await?;
+        let bytes = Bytes::from(bytes);
+        // write_manifest refuses bytes that do not hash to the digest.
+        if let Err(error) = self
+            .store
+            .write_manifest(&digest, &media_type, bytes.clone())
+            .await
+        {
+            tracing::warn!(%digest, %error, "ignoring a shared manifest that cannot be stored");
+            return None;
+        }
         Some(Manifest {
             digest,
-            media_type: stored.media_type,
-            bytes: stored.bytes,
+            media_type,
+            bytes,
             stale: false,
         })
     }
@@ -419,6 +473,9 @@ impl Mirror {
             .write_manifest(&digest, &media_type, bytes.clone())
             .await
             .map_err(|e| MirrorError::Store(e.to_string()))?;
+        self.tags
+            .share_manifest(&digest.to_string(), &media_type, &bytes)
+            .await;
         Ok(Manifest {
             digest,
             media_type,
@@ -484,7 +541,8 @@ impl Mirror {
         })
     }
 
-    /// Tag lists and referrers: passed through with the client's query.
+    /// Tag lists and referrers: passed through with the client's query, cached for the
+    /// registry's tag TTL, and served stale when the upstream fails.
     pub async fn listing(
         &self,
         target: &Target,
@@ -497,6 +555,42 @@ impl Mirror {
             path.push('?');
             path.push_str(query);
         }
+        let key = format!("{}{path}", upstream.name());
+        let cached = self.listings.get(&key).await;
+        if let Some((fetched, listing)) = &cached {
+            if fetched.elapsed() < target.registry.tags_ttl {
+                self.metrics.cache_lookup("listing", "hit");
+                return Ok(listing.clone());
+            }
+        }
+        match self.fetch_listing(upstream, target, path).await {
+            Ok(listing) => {
+                self.metrics.cache_lookup("listing", "miss");
+                self.listings
+                    .insert(key, (Instant::now(), listing.clone()))
+                    .await;
+                Ok(listing)
+            }
+            Err(error) if serves_stale(&error) && cached.is_some() => {
+                tracing::warn!(%error, %key, "upstream failed; serving the cached listing");
+                self.metrics.cache_lookup("listing", "stale");
+                let (_, mut listing) = cached.expect("checked above");
+                listing.headers.insert(
+                    http::header::WARNING,
+                    HeaderValue::from_static(STALE_WARNING),
+                );
+                Ok(listing)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn fetch_listing(
+        &self,
+        upstream: &Upstream,
+        target: &Target,
+        path: String,
+    ) -> Result<Passthrough, MirrorError> {
         let request = UpstreamRequest::new(Method::GET, target.repo.as_str(), path);
         let response = upstream
             .send(&request)
@@ -527,6 +621,9 @@ impl Mirror {
         })
     }
 }
+
+/// RFC 7234's "Response is Stale", on answers served past their TTL because the upstream failed.
+pub const STALE_WARNING: &str = "110 gantry \"Response is Stale\"";
 
 fn manifest_request(
     method: Method,

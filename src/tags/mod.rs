@@ -19,6 +19,9 @@ use crate::metrics::Metrics;
 pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// In-process entries; each is well under 1 KiB.
 const MEMORY_CAPACITY: u64 = 100_000;
+/// Manifests up to this size are shared through Redis with the tags that name them, so a tag
+/// cached by one replica is a complete answer on another. Larger ones are fetched by digest.
+pub const MAX_SHARED_MANIFEST: usize = 1 << 20;
 
 /// What a tag pointed at when last confirmed with the upstream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +132,11 @@ impl Tags {
         format!("gantry:tag:v1:{registry}/{repository}:{tag}:{accept}")
     }
 
+    /// The key for a tag's latest answer to any client, the fallback during an outage.
+    pub fn any_key(registry: &str, repository: &str, tag: &str) -> String {
+        format!("gantry:tag:v1:{registry}/{repository}:{tag}:any")
+    }
+
     pub async fn get(&self, key: &str) -> Option<TagEntry> {
         if let Ok(Some(entry)) = self.memory.get(key).await {
             return Some(entry);
@@ -153,6 +161,36 @@ impl Tags {
             if let Err(error) = shared.put(key, entry).await {
                 self.redis_failed(&error);
             }
+        }
+    }
+
+    fn manifest_key(digest: &str) -> String {
+        format!("gantry:manifest:v1:{digest}")
+    }
+
+    /// A manifest another replica shared: `(media type, bytes)`, still to be verified.
+    pub async fn shared_manifest(&self, digest: &str) -> Option<(String, Vec<u8>)> {
+        let shared = self.shared.as_ref()?;
+        match shared.manifest(&Self::manifest_key(digest)).await {
+            Ok(found) => found,
+            Err(error) => {
+                self.redis_failed(&error);
+                None
+            }
+        }
+    }
+
+    /// Shares a manifest with other replicas (only with Redis, and only small ones).
+    pub async fn share_manifest(&self, digest: &str, media_type: &str, bytes: &[u8]) {
+        let Some(shared) = &self.shared else { return };
+        if bytes.len() > MAX_SHARED_MANIFEST {
+            return;
+        }
+        if let Err(error) = shared
+            .put_manifest(&Self::manifest_key(digest), media_type, bytes)
+            .await
+        {
+            self.redis_failed(&error);
         }
     }
 

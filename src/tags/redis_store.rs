@@ -72,6 +72,38 @@ impl RedisTags {
         outcome
     }
 
+    /// A manifest shared by another replica: `(media type, bytes)`, unverified (the caller checks
+    /// the digest before using it).
+    pub async fn manifest(&self, key: &str) -> Result<Option<(String, Vec<u8>)>, TagError> {
+        let mut command = redis::cmd("GET");
+        command.arg(key);
+        let raw: Option<Vec<u8>> = self.run(command).await?;
+        Ok(raw.and_then(|raw| {
+            let split = raw.iter().position(|b| *b == b'\n')?;
+            let media_type = String::from_utf8(raw[..split].to_vec()).ok()?;
+            Some((media_type, raw[split + 1..].to_vec()))
+        }))
+    }
+
+    pub async fn put_manifest(
+        &self,
+        key: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), TagError> {
+        let mut value = Vec::with_capacity(media_type.len() + 1 + bytes.len());
+        value.extend_from_slice(media_type.as_bytes());
+        value.push(b'\n');
+        value.extend_from_slice(bytes);
+        let mut command = redis::cmd("SET");
+        command
+            .arg(key)
+            .arg(value)
+            .arg("EX")
+            .arg(RETENTION.as_secs());
+        self.run::<()>(command).await
+    }
+
     pub async fn ping(&self) -> bool {
         self.run::<String>(redis::cmd("PING")).await.is_ok()
     }

@@ -10,6 +10,7 @@
 
 pub mod fake;
 pub mod images;
+pub mod redis;
 pub mod registry;
 
 use std::future::Future;
@@ -168,6 +169,8 @@ pub struct Options<'a> {
     pub mirroring: &'a str,
     /// Top-level sections, e.g. `cache:` or `registries:`.
     pub extra: &'a str,
+    /// `mirroring.tags_cache_ttl` (10m when empty).
+    pub ttl: &'a str,
 }
 
 impl Gantry {
@@ -228,9 +231,10 @@ impl Gantry {
 /// The YAML config the harness runs gantry with.
 pub fn config_yaml(dir: &Path, upstream_url: &str, options: Options<'_>) -> String {
     format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstorage:\n  path: {}\n{}\nmirroring:\n  source: {upstream_url}\n  tags_cache_ttl: 10m\n{}\ntimeouts:\n  shutdown: 5s\n{}\n",
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstorage:\n  path: {}\n{}\nmirroring:\n  source: {upstream_url}\n  tags_cache_ttl: {}\n{}\ntimeouts:\n  shutdown: 5s\n{}\n",
         dir.join("store").display(),
         options.storage,
+        if options.ttl.is_empty() { "10m" } else { options.ttl },
         options.mirroring,
         options.extra,
     )

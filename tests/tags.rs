@@ -1,0 +1,373 @@
+//! The tag cache against the real upstream and a real `redis-server`: no upstream contact inside
+//! the TTL, HEAD revalidation after it, stale answers during outages, Redis shared by two
+//! instances, a Redis outage, and Accept negotiation identical to the upstream's.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fake::{Fake, Scripted};
+use common::redis::RedisServer;
+use common::{
+    http_get, pull, request, require_tools, skopeo, Fixture, Gantry, Options, ACCEPT_ALL,
+};
+use http::{Method, StatusCode};
+
+const TTL_SECS: f64 = 1.0;
+
+async fn get_tag(gantry: &Gantry, repo_tag: &str, accept: &str) -> common::Reply {
+    let (repo, tag) = repo_tag.split_once(':').unwrap();
+    let url = gantry.url(&format!("/v2/{repo}/manifests/{tag}"));
+    http_get(&url, &[("accept", accept)]).await.unwrap()
+}
+
+fn short_ttl() -> Options<'static> {
+    Options {
+        ttl: "1s",
+        ..Options::default()
+    }
+}
+
+async fn past_the_ttl() {
+    tokio::time::sleep(Duration::from_secs_f64(TTL_SECS + 0.2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inside_the_ttl_a_thousand_tag_requests_make_no_upstream_request() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let gantry = Gantry::start(&fixture.proxy.url()).await;
+    let first = get_tag(&gantry, "test/multi:v1", ACCEPT_ALL).await;
+    assert_eq!(first.status, StatusCode::OK);
+    fixture.proxy.clear();
+    for batch in 0..20 {
+        let requests = (0..50).map(|_| get_tag(&gantry, "test/multi:v1", ACCEPT_ALL));
+        for reply in futures_util::future::join_all(requests).await {
+            assert_eq!(reply.status, StatusCode::OK, "batch {batch}");
+            assert_eq!(reply.body, first.body);
+        }
+    }
+    assert!(
+        fixture.proxy.seen().is_empty(),
+        "{:?}",
+        fixture.proxy.seen()
+    );
+    assert!(gantry
+        .metrics()
+        .await
+        .contains("gantry_cache_lookups_total{kind=\"tag\",outcome=\"hit\"} 1000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_ttl_a_head_revalidates_and_a_retag_is_served() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let gantry = Gantry::start_with(
+        tempfile::tempdir().unwrap(),
+        &fixture.proxy.url(),
+        short_ttl(),
+    )
+    .await;
+    assert_eq!(
+        get_tag(&gantry, "test/multi:v1", ACCEPT_ALL).await.status,
+        StatusCode::OK
+    );
+
+    past_the_ttl().await;
+    fixture.proxy.clear();
+    let unchanged = get_tag(&gantry, "test/multi:v1", ACCEPT_ALL).await;
+    assert_eq!(
+        unchanged.header("docker-content-digest"),
+        Some(fixture.multi.manifest_digest.as_str())
+    );
+    assert_eq!(fixture.proxy.count(&Method::HEAD, "/manifests/v1"), 1);
+    assert_eq!(fixture.proxy.count(&Method::GET, "/manifests/"), 0);
+    assert_eq!(fixture.proxy.seen().len(), 1, "{:?}", fixture.proxy.seen());
+
+    // Retag upstream: v1 now names the arm64 image.
+    let arm64 = &fixture.platforms[1];
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!(
+            "docker://{}/test/index@{}",
+            fixture.registry.host(),
+            arm64.manifest_digest
+        ),
+        &format!("docker://{}/test/multi:v1", fixture.registry.host()),
+    ])
+    .await;
+    let still_cached = get_tag(&gantry, "test/multi:v1", ACCEPT_ALL).await;
+    assert_eq!(
+        still_cached.header("docker-content-digest"),
+        Some(fixture.multi.manifest_digest.as_str())
+    );
+    past_the_ttl().await;
+    let retagged = get_tag(&gantry, "test/multi:v1", ACCEPT_ALL).await;
+    assert_eq!(
+        retagged.header("docker-content-digest"),
+        Some(arm64.manifest_digest.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_tags_still_pull_when_the_upstream_is_down() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let gantry = Gantry::start_with(
+        tempfile::tempdir().unwrap(),
+        &fixture.proxy.url(),
+        short_ttl(),
+    )
+    .await;
+    let reference = format!("{}/test/multi:v1", gantry.host());
+    pull(&reference, false).await.1.expect("cold pull");
+    past_the_ttl().await;
+    fixture.proxy.set_down(true);
+    let (out, result) = pull(&reference, false).await;
+    result.expect("the stale tag pulls end to end");
+    assert_eq!(
+        common::file_digest(&out.path().join("image/manifest.json")),
+        fixture.multi.manifest_digest
+    );
+    past_the_ttl().await;
+    let stale = get_tag(&gantry, "test/multi:v1", ACCEPT_ALL).await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert!(
+        stale
+            .header("warning")
+            .is_some_and(|w| w.starts_with("110")),
+        "{:?}",
+        stale.headers
+    );
+    assert!(gantry
+        .metrics()
+        .await
+        .contains("gantry_cache_lookups_total{kind=\"tag\",outcome=\"stale\"}"));
+
+    let started = Instant::now();
+    let unseen = get_tag(&gantry, "test/multi:never-pulled", ACCEPT_ALL).await;
+    assert_eq!(unseen.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(unseen.error_code().as_deref(), Some("UNAVAILABLE"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a clear error at once, not a hang"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_pass_through_on_a_miss_and_serve_stale_on_a_hit() {
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(0));
+    let status = std::sync::Arc::clone(&failing);
+    let upstream = Fake::start(move |seen| {
+        let failure = status.load(std::sync::atomic::Ordering::SeqCst);
+        if failure != 0 {
+            return Scripted::json(
+                StatusCode::from_u16(failure).unwrap(),
+                serde_json::json!({"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]}),
+            )
+            .header("retry-after", "60");
+        }
+        if seen.uri.contains("/manifests/") {
+            return Scripted::new(StatusCode::OK)
+                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                .body(&manifest[..]);
+        }
+        Scripted::new(StatusCode::NOT_FOUND)
+    })
+    .await;
+    let gantry =
+        Gantry::start_with(tempfile::tempdir().unwrap(), &upstream.url(), short_ttl()).await;
+
+    failing.store(429, std::sync::atomic::Ordering::SeqCst);
+    let limited = get_tag(&gantry, "team/app:v1", ACCEPT_ALL).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        limited.error_code().as_deref(),
+        Some("TOOMANYREQUESTS"),
+        "never DENIED for a rate limit"
+    );
+    assert_eq!(limited.header("retry-after"), Some("60"));
+
+    failing.store(0, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        get_tag(&gantry, "team/app:v1", ACCEPT_ALL).await.status,
+        StatusCode::OK
+    );
+    for failure in [429, 500, 503] {
+        past_the_ttl().await;
+        failing.store(failure, std::sync::atomic::Ordering::SeqCst);
+        let stale = get_tag(&gantry, "team/app:v1", ACCEPT_ALL).await;
+        assert_eq!(
+            stale.status,
+            StatusCode::OK,
+            "upstream {failure}: served stale"
+        );
+        assert_eq!(&stale.body[..], &manifest[..]);
+        assert!(stale.header("warning").is_some(), "upstream {failure}");
+    }
+    let metrics = gantry.metrics().await;
+    assert!(
+        metrics.contains("gantry_tag_revalidations_total{result=\"failed\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_tags_through_redis() {
+    if !require_tools(&["docker-registry", "skopeo", "redis-server"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let redis = RedisServer::start().await;
+    let cache = format!("cache:\n  redis: {}", redis.url());
+    let options = Options {
+        extra: &cache,
+        ..Options::default()
+    };
+    let first =
+        Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await;
+    let second =
+        Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await;
+
+    let from_first = get_tag(&first, "test/multi:v1", ACCEPT_ALL).await;
+    assert_eq!(from_first.status, StatusCode::OK);
+    fixture.proxy.clear();
+    let from_second = get_tag(&second, "test/multi:v1", ACCEPT_ALL).await;
+    assert_eq!(from_second.status, StatusCode::OK);
+    assert_eq!(from_second.body, from_first.body);
+    assert_eq!(
+        fixture.proxy.count(&Method::GET, "/manifests/"),
+        0,
+        "{:?}",
+        fixture.proxy.seen()
+    );
+    assert_eq!(
+        fixture.proxy.count(&Method::HEAD, "/manifests/"),
+        0,
+        "{:?}",
+        fixture.proxy.seen()
+    );
+    // The second instance then pulls the rest (blobs) through its own store.
+    pull(&format!("{}/test/multi:v1", second.host()), false)
+        .await
+        .1
+        .expect("pull from the second instance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_degrades_to_memory_and_recovers() {
+    if !require_tools(&["docker-registry", "skopeo", "redis-server"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let mut redis = RedisServer::start().await;
+    let cache = format!("cache:\n  redis: {}", redis.url());
+    let options = Options {
+        extra: &cache,
+        ..Options::default()
+    };
+    let gantry =
+        Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await;
+    assert_eq!(
+        get_tag(&gantry, "test/multi:v1", ACCEPT_ALL).await.status,
+        StatusCode::OK
+    );
+    assert!(!redis.keys("gantry:tag:*").await.is_empty());
+
+    redis.kill().await;
+    pull(&format!("{}/test/multi:v1", gantry.host()), false)
+        .await
+        .1
+        .expect("cached tag with Redis down");
+    pull(&format!("{}/test/index:idx", gantry.host()), true)
+        .await
+        .1
+        .expect("a new tag with Redis down");
+    let ready = http_get(&gantry.admin_url("/readyz"), &[]).await.unwrap();
+    assert_eq!(
+        ready.status,
+        StatusCode::OK,
+        "a Redis outage degrades, it does not unready"
+    );
+    assert!(String::from_utf8_lossy(&ready.body).contains("unreachable"));
+
+    redis.restart().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let oci_only = "application/vnd.oci.image.manifest.v1+json";
+    assert_eq!(
+        get_tag(&gantry, "test/multi:v1", oci_only).await.status,
+        StatusCode::OK
+    );
+    assert!(
+        !redis.keys("gantry:tag:*").await.is_empty(),
+        "gantry writes to Redis again without a restart"
+    );
+    let metrics = gantry.metrics().await;
+    assert!(
+        !metrics.contains("gantry_redis_errors_total 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_negotiation_matches_the_upstream() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let gantry = Gantry::start(&fixture.proxy.url()).await;
+    let accepts = [
+        ACCEPT_ALL,
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "*/*",
+    ];
+    for path in [
+        "/v2/test/index/manifests/idx",
+        "/v2/test/multi/manifests/v1",
+    ] {
+        for accept in accepts {
+            let upstream = http_get(
+                &format!("http://{}{path}", fixture.registry.host()),
+                &[("accept", accept)],
+            )
+            .await
+            .unwrap();
+            // Twice through gantry: the miss and the cache hit answer alike.
+            for round in ["miss", "hit"] {
+                let mirrored = request(Method::GET, &gantry.url(path), &[("accept", accept)])
+                    .await
+                    .unwrap();
+                let what = format!("{path} accept={accept} ({round})");
+                assert_eq!(
+                    mirrored.status, upstream.status,
+                    "{what}: {:?}",
+                    mirrored.body
+                );
+                if upstream.status == StatusCode::OK {
+                    assert_eq!(
+                        mirrored.header("content-type"),
+                        upstream.header("content-type"),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        mirrored.header("docker-content-digest"),
+                        upstream.header("docker-content-digest"),
+                        "{what}"
+                    );
+                    assert_eq!(mirrored.body, upstream.body, "{what}");
+                }
+            }
+        }
+    }
+}
