@@ -408,6 +408,14 @@ log:
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let example = include_str!("../../config/gantry.example.yaml");
+        let config = parse(example).unwrap();
+        assert_eq!(config.registries[0].host.0, "ghcr.io");
+        assert_eq!(config.storage.max_size, Some(ByteSize(50 << 30)));
+    }
+
+    #[test]
     fn unknown_keys_name_the_key_and_line() {
         let err = parse("listen: 0.0.0.0:5000\nmirroring:\n  sorce: https://x\n").unwrap_err();
         assert!(err.contains("sorce"), "{err}");

@@ -110,7 +110,8 @@ impl Mirror {
         let credentials = |username: &Option<crate::config::Text>,
                            password: &Option<crate::config::Secret>| {
             match (username, password) {
-                (Some(username), Some(password)) => Some(Credentials {
+                // `_env:USER:` with an empty default means "no credentials".
+                (Some(username), Some(password)) if !username.0.is_empty() => Some(Credentials {
                     username: username.0.clone(),
                     password: password.clone(),
                 }),
