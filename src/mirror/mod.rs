@@ -135,13 +135,13 @@ impl Mirror {
             tags_ttl: config.mirroring.tags_cache_ttl.0,
             docker_hub,
         });
+        // `mirroring.source` is what this mirror serves as Docker Hub (dockerd's `registry-mirrors`
+        // and containerd's `ns=docker.io` mean exactly that), whatever its URL.
         let mut by_host = HashMap::new();
         by_host.insert(default_name, Arc::clone(&default_registry));
         by_host.insert(source.authority().to_owned(), Arc::clone(&default_registry));
-        if docker_hub {
-            for alias in DOCKER_HUB_ALIASES {
-                by_host.insert(alias.to_owned(), Arc::clone(&default_registry));
-            }
+        for alias in DOCKER_HUB_ALIASES {
+            by_host.insert(alias.to_owned(), Arc::clone(&default_registry));
         }
         for entry in &config.registries {
             let host = entry.host.0.to_ascii_lowercase();
