@@ -61,6 +61,8 @@ pub struct Scripted {
     pub headers: Vec<(String, String)>,
     pub chunks: Vec<Bytes>,
     pub ending: Ending,
+    /// A pause before each chunk (a slow upstream).
+    pub pace: Duration,
 }
 
 impl Scripted {
@@ -70,7 +72,13 @@ impl Scripted {
             headers: Vec::new(),
             chunks: Vec::new(),
             ending: Ending::Complete,
+            pace: Duration::ZERO,
         }
+    }
+
+    pub fn pace(mut self, pause: Duration) -> Self {
+        self.pace = pause;
+        self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
@@ -158,6 +166,7 @@ impl Drop for Fake {
 fn respond(scripted: Scripted) -> Response<UnsyncBoxBody<Bytes, std::io::Error>> {
     let ending = scripted.ending.clone();
     let chunks = scripted.chunks;
+    let pace = scripted.pace;
     let stream =
         futures_util::stream::unfold((chunks.into_iter(), false), move |(mut chunks, ended)| {
             let ending = ending.clone();
@@ -166,6 +175,7 @@ fn respond(scripted: Scripted) -> Response<UnsyncBoxBody<Bytes, std::io::Error>>
                     return None;
                 }
                 if let Some(chunk) = chunks.next() {
+                    tokio::time::sleep(pace).await;
                     return Some((Ok(Frame::data(chunk)), (chunks, false)));
                 }
                 match ending {
