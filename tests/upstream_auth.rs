@@ -134,7 +134,7 @@ async fn start_upstreams() -> Upstreams {
 async fn tokens_are_fetched_once_reused_refreshed_and_scoped() {
     let up = start_upstreams().await;
     let options = Options {
-        mirroring: "  username: mirror-user\n  password: _env:GANTRY_TEST_NEVER_SET:mirror-pass",
+        mirroring: "  username: mirror-user\n  password: _env:GANTRY_TEST_NEVER_SET:mirror-pass\n  public: true",
         ..Options::default()
     };
     let gantry =

@@ -23,6 +23,8 @@ pub struct Config {
     pub cache: Cache,
     /// Extra upstreams, addressed by `?ns=<host>` or a `/v2/<host>/...` path prefix.
     pub registries: Vec<Registry>,
+    /// Serve any https registry a client names, anonymously (an open proxy: off by default).
+    pub allow_any_registry: bool,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: Log,
@@ -46,6 +48,16 @@ pub struct Mirroring {
     pub tags_cache_ttl: Seconds,
     pub username: Option<Text>,
     pub password: Option<Secret>,
+    /// A docker `config.json` whose `auths` (or `credHelpers`/`credsStore`) hold the credentials.
+    pub docker_config: Option<PathBuf>,
+    /// `NAME` runs `docker-credential-NAME get`; a value with a `/` is run as a path.
+    pub credential_helper: Option<Text>,
+    /// Token realms on other hosts that may receive the credentials (URL prefixes).
+    pub token_realms: Vec<Text>,
+    /// Allows a plain `http://` upstream.
+    pub insecure: bool,
+    /// Acknowledges that every client of the mirror may pull what the credentials can read.
+    pub public: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -65,9 +77,105 @@ pub struct Registry {
     pub username: Option<Text>,
     #[serde(default)]
     pub password: Option<Secret>,
+    #[serde(default)]
+    pub docker_config: Option<PathBuf>,
+    #[serde(default)]
+    pub credential_helper: Option<Text>,
+    #[serde(default)]
+    pub token_realms: Vec<Text>,
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub public: bool,
     /// Overrides `mirroring.tags_cache_ttl` for this registry.
     #[serde(default)]
     pub tags_cache_ttl: Option<Seconds>,
+}
+
+/// How gantry reaches and authenticates to one upstream, the same for `mirroring` and each
+/// `registries[]` entry.
+pub struct UpstreamAccess<'a> {
+    /// The config key, for messages: `mirroring` or `registries[2]`.
+    pub key: String,
+    pub url: &'a BaseUrl,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a Secret>,
+    pub docker_config: Option<&'a Path>,
+    pub credential_helper: Option<&'a str>,
+    pub token_realms: Vec<&'a str>,
+    pub insecure: bool,
+    pub public: bool,
+}
+
+impl UpstreamAccess<'_> {
+    fn has_credentials(&self) -> bool {
+        self.username.is_some_and(|u| !u.is_empty()) || self.docker_config.is_some() || self.credential_helper.is_some()
+    }
+
+    fn problems(&self, problems: &mut Vec<String>) {
+        let key = &self.key;
+        if self.username.is_some() != self.password.is_some() {
+            problems.push(format!("{key}.username, {key}.password: give both or neither"));
+        }
+        let sources = [self.username.is_some_and(|u| !u.is_empty()), self.docker_config.is_some(), self.credential_helper.is_some()];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            problems.push(format!("{key}: use one of username/password, docker_config and credential_helper"));
+        }
+        if !self.url.is_https() && !self.insecure {
+            problems.push(format!(
+                "{key}: `{}` is plain http: set `insecure: true` to allow it",
+                self.url.origin()
+            ));
+        }
+        if self.has_credentials() && !self.public {
+            problems.push(format!(
+                "{key}: gantry holds credentials for this upstream, so every client of the mirror could pull \
+                 what they can read (gantry has no client authentication yet); set `public: true` to accept that"
+            ));
+        }
+        if let Some(path) = self.docker_config {
+            if !path.is_file() {
+                problems.push(format!("{key}.docker_config: {} is not a readable file", path.display()));
+            }
+        }
+        for realm in &self.token_realms {
+            if BaseUrl::parse(realm.split('/').take(3).collect::<Vec<_>>().join("/").as_str()).is_err() {
+                problems.push(format!("{key}.token_realms: `{realm}` is not an http(s) URL"));
+            }
+        }
+    }
+}
+
+impl Mirroring {
+    pub fn access(&self) -> UpstreamAccess<'_> {
+        UpstreamAccess {
+            key: "mirroring".into(),
+            url: &self.source,
+            username: self.username.as_ref().map(|t| t.0.as_str()),
+            password: self.password.as_ref(),
+            docker_config: self.docker_config.as_deref(),
+            credential_helper: self.credential_helper.as_ref().map(|t| t.0.as_str()),
+            token_realms: self.token_realms.iter().map(|t| t.0.as_str()).collect(),
+            insecure: self.insecure,
+            public: self.public,
+        }
+    }
+}
+
+impl Registry {
+    pub fn access(&self, index: usize) -> UpstreamAccess<'_> {
+        UpstreamAccess {
+            key: format!("registries[{index}]"),
+            url: &self.url,
+            username: self.username.as_ref().map(|t| t.0.as_str()),
+            password: self.password.as_ref(),
+            docker_config: self.docker_config.as_deref(),
+            credential_helper: self.credential_helper.as_ref().map(|t| t.0.as_str()),
+            token_realms: self.token_realms.iter().map(|t| t.0.as_str()).collect(),
+            insecure: self.insecure,
+            public: self.public,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -121,6 +229,7 @@ impl Default for Config {
             mirroring: Mirroring::default(),
             cache: Cache::default(),
             registries: Vec::new(),
+            allow_any_registry: false,
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log: Log::default(),
@@ -145,6 +254,11 @@ impl Default for Mirroring {
             tags_cache_ttl: Seconds(std::time::Duration::from_secs(600)),
             username: None,
             password: None,
+            docker_config: None,
+            credential_helper: None,
+            token_realms: Vec::new(),
+            insecure: false,
+            public: false,
         }
     }
 }
@@ -242,10 +356,7 @@ impl Config {
                 "storage.max_size: must be more than 0 (leave it out for no limit)".to_owned(),
             );
         }
-        if self.mirroring.username.is_some() != self.mirroring.password.is_some() {
-            problems
-                .push("mirroring.username, mirroring.password: give both or neither".to_owned());
-        }
+        self.mirroring.access().problems(&mut problems);
         if let Some(redis) = &self.cache.redis {
             if !(redis.expose().starts_with("redis://") || redis.expose().starts_with("rediss://"))
             {
@@ -268,11 +379,7 @@ impl Config {
             if !hosts.insert(host.to_ascii_lowercase()) {
                 problems.push(format!("registries[{i}].host: `{host}` is listed twice"));
             }
-            if registry.username.is_some() != registry.password.is_some() {
-                problems.push(format!(
-                    "registries[{i}].username, registries[{i}].password: give both or neither"
-                ));
-            }
+            registry.access(i).problems(&mut problems);
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".to_owned());
@@ -383,6 +490,7 @@ mirroring:
   tags_cache_ttl: 864000
   username: _env:GANTRY_CONFIG_TEST_USER:someone
   password: _env:GANTRY_CONFIG_TEST_TOKEN
+  public: true
 cache:
   redis: redis://127.0.0.1:6379/0
 registries:
@@ -415,6 +523,32 @@ log:
         assert_eq!(config.storage.max_size, Some(ByteSize(50 << 30)));
     }
 
+    /// Every YAML block in docs/registries.md parses. Variables get a default and the files it
+    /// names are swapped for one that exists here.
+    #[test]
+    fn docs_registry_snippets_are_valid() {
+        let docs = include_str!("../../docs/registries.md");
+        let blocks: Vec<&str> = docs
+            .split("```yaml\n")
+            .skip(1)
+            .map(|rest| rest.split("```").next().unwrap_or(""))
+            .collect();
+        assert!(blocks.len() >= 9, "found {} blocks", blocks.len());
+        for block in blocks {
+            let runnable: String = block
+                .replace("/etc/gantry/docker-config.json", file!())
+                .lines()
+                .map(|line| match line.find("_env:") {
+                    Some(_) if !line.trim_end().ends_with(":x") => format!("{}:x\n", line.trim_end()),
+                    _ => format!("{line}\n"),
+                })
+                .collect();
+            if let Err(error) = parse(&runnable) {
+                panic!("{error}\n{block}");
+            }
+        }
+    }
+
     #[test]
     fn unknown_keys_name_the_key_and_line() {
         let err = parse("listen: 0.0.0.0:5000\nmirroring:\n  sorce: https://x\n").unwrap_err();
@@ -431,6 +565,21 @@ log:
         assert!(err.contains("storage.max_size"), "{err}");
         let err = parse("mirroring:\n  source: _env:GANTRY_CONFIG_TEST_NEVER_SET\n").unwrap_err();
         assert!(err.contains("GANTRY_CONFIG_TEST_NEVER_SET"), "{err}");
+    }
+
+    #[test]
+    fn upstream_access_is_checked() {
+        let err = parse("mirroring:\n  source: http://10.0.0.1:5000\n").unwrap_err();
+        assert!(err.contains("mirroring: `http://10.0.0.1:5000` is plain http"), "{err}");
+        assert!(parse("mirroring:\n  source: http://10.0.0.1:5000\n  insecure: true\n").is_ok());
+        let private = "registries:\n  - host: ghcr.io\n    url: https://ghcr.io\n    username: u\n    password: p\n";
+        let err = parse(private).unwrap_err();
+        assert!(err.contains("registries[0]: gantry holds credentials"), "{err}");
+        assert!(parse(&format!("{private}    public: true\n")).is_ok());
+        let both = "mirroring:\n  username: u\n  password: p\n  credential_helper: ecr-login\n  public: true\n";
+        assert!(parse(both).unwrap_err().contains("use one of"));
+        let missing = "mirroring:\n  docker_config: /nonexistent/config.json\n  public: true\n";
+        assert!(parse(missing).unwrap_err().contains("mirroring.docker_config"));
     }
 
     #[test]

@@ -20,18 +20,23 @@ use tokio::sync::mpsc;
 pub use download::{Flight, Follower};
 pub use error::MirrorError;
 
-use crate::config::{BaseUrl, Config};
+use crate::config::{BaseUrl, Config, UpstreamAccess};
 use crate::metrics::Metrics;
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::store::{BlobFile, Store};
 use crate::tags::{TagEntry, Tags};
-use crate::upstream::{Credentials, Pool, Upstream, UpstreamBody, UpstreamError, UpstreamRequest};
+use crate::upstream::{
+    CredentialError, CredentialSource, Pool, Upstream, UpstreamBody, UpstreamError,
+    UpstreamRequest,
+};
 
 /// Upstream error bodies are read for their OCI code; anything larger is not an error document.
 const MAX_ERROR_BODY: usize = 64 << 10;
 /// Tag lists and referrers indexes are passed through whole, so they are capped.
 const MAX_LISTING: usize = 4 << 20;
 
+/// Registries created on demand under `allow_any_registry`, at most.
+const MAX_ANY_REGISTRIES: usize = 1_000;
 /// Cached tag lists and referrers indexes (each at most `MAX_LISTING` bytes, most far smaller).
 const MAX_LISTINGS: u64 = 10_000;
 
@@ -91,12 +96,44 @@ pub struct Mirror {
     default_registry: Arc<Registry>,
     /// Every registry by each host name clients may use for it.
     by_host: HashMap<String, Arc<Registry>>,
+    any_registry: Option<AnyRegistry>,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
     /// Tag lists and referrers, with when they were fetched; fresh for the registry's tag TTL.
     listings: moka::future::Cache<String, (Instant, Passthrough)>,
     metrics: Arc<Metrics>,
     max_manifest_size: usize,
     download_timeout: Duration,
+}
+
+impl Registry {
+    fn new(
+        name: String,
+        access: &UpstreamAccess<'_>,
+        tags_ttl: Duration,
+        pool: &Pool,
+    ) -> Result<Self, CredentialError> {
+        let docker_hub = is_docker_hub(access.url);
+        let credentials = CredentialSource::from_access(access, &name, docker_hub)?;
+        let realms = access.token_realms.iter().map(|r| (*r).to_owned()).collect();
+        Ok(Self {
+            upstream: Arc::new(Upstream::new(
+                name,
+                access.url.clone(),
+                credentials,
+                realms,
+                pool.clone(),
+            )),
+            tags_ttl,
+            docker_hub,
+        })
+    }
+}
+
+/// Registries created on demand under `allow_any_registry`.
+struct AnyRegistry {
+    pool: Pool,
+    tags_ttl: Duration,
+    seen: Mutex<HashMap<String, Arc<Registry>>>,
 }
 
 impl Mirror {
@@ -106,18 +143,7 @@ impl Mirror {
         tags: Tags,
         pool: Pool,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        let credentials = |username: &Option<crate::config::Text>,
-                           password: &Option<crate::config::Secret>| {
-            match (username, password) {
-                // `_env:USER:` with an empty default means "no credentials".
-                (Some(username), Some(password)) if !username.0.is_empty() => Some(Credentials {
-                    username: username.0.clone(),
-                    password: password.clone(),
-                }),
-                _ => None,
-            }
-        };
+    ) -> Result<Self, CredentialError> {
         let source = &config.mirroring.source;
         let docker_hub = is_docker_hub(source);
         let default_name = if docker_hub {
@@ -125,16 +151,12 @@ impl Mirror {
         } else {
             source.authority().to_owned()
         };
-        let default_registry = Arc::new(Registry {
-            upstream: Arc::new(Upstream::new(
-                default_name.clone(),
-                source.clone(),
-                credentials(&config.mirroring.username, &config.mirroring.password),
-                pool.clone(),
-            )),
-            tags_ttl: config.mirroring.tags_cache_ttl.0,
-            docker_hub,
-        });
+        let default_registry = Arc::new(Registry::new(
+            default_name.clone(),
+            &config.mirroring.access(),
+            config.mirroring.tags_cache_ttl.0,
+            &pool,
+        )?);
         // `mirroring.source` is what this mirror serves as Docker Hub (dockerd's `registry-mirrors`
         // and containerd's `ns=docker.io` mean exactly that), whatever its URL.
         let mut by_host = HashMap::new();
@@ -143,28 +165,22 @@ impl Mirror {
         for alias in DOCKER_HUB_ALIASES {
             by_host.insert(alias.to_owned(), Arc::clone(&default_registry));
         }
-        for entry in &config.registries {
+        for (index, entry) in config.registries.iter().enumerate() {
             let host = entry.host.0.to_ascii_lowercase();
-            let registry = Arc::new(Registry {
-                upstream: Arc::new(Upstream::new(
-                    host.clone(),
-                    entry.url.clone(),
-                    credentials(&entry.username, &entry.password),
-                    pool.clone(),
-                )),
-                tags_ttl: entry
-                    .tags_cache_ttl
-                    .unwrap_or(config.mirroring.tags_cache_ttl)
-                    .0,
-                docker_hub: is_docker_hub(&entry.url),
-            });
-            by_host.insert(host, registry);
+            let ttl = entry.tags_cache_ttl.unwrap_or(config.mirroring.tags_cache_ttl).0;
+            let registry = Registry::new(host.clone(), &entry.access(index), ttl, &pool)?;
+            by_host.insert(host, Arc::new(registry));
         }
-        Self {
+        Ok(Self {
             store,
             tags,
             default_registry,
             by_host,
+            any_registry: config.allow_any_registry.then(|| AnyRegistry {
+                pool,
+                tags_ttl: config.mirroring.tags_cache_ttl.0,
+                seen: Mutex::new(HashMap::new()),
+            }),
             flights: Mutex::new(HashMap::new()),
             listings: moka::future::Cache::builder()
                 .max_capacity(MAX_LISTINGS)
@@ -174,7 +190,39 @@ impl Mirror {
             max_manifest_size: usize::try_from(config.limits.max_manifest_size.0)
                 .unwrap_or(usize::MAX),
             download_timeout: config.timeouts.download.0,
+        })
+    }
+
+    /// The registry for a host name clients used, creating an anonymous https one when
+    /// `allow_any_registry` is on.
+    fn registry_for(&self, host: &str) -> Option<Arc<Registry>> {
+        let host = host.to_ascii_lowercase();
+        if let Some(registry) = self.by_host.get(&host) {
+            return Some(Arc::clone(registry));
         }
+        let any = self.any_registry.as_ref()?;
+        let mut seen = any.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(registry) = seen.get(&host) {
+            return Some(Arc::clone(registry));
+        }
+        if seen.len() >= MAX_ANY_REGISTRIES {
+            tracing::warn!(%host, "allow_any_registry: too many registries already; refusing a new one");
+            return None;
+        }
+        let url = BaseUrl::parse(&format!("https://{host}")).ok()?;
+        let registry = Arc::new(Registry {
+            upstream: Arc::new(Upstream::new(
+                host.clone(),
+                url.clone(),
+                CredentialSource::None,
+                Vec::new(),
+                any.pool.clone(),
+            )),
+            tags_ttl: any.tags_ttl,
+            docker_hub: is_docker_hub(&url),
+        });
+        seen.insert(host, Arc::clone(&registry));
+        Some(registry)
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -195,16 +243,15 @@ impl Mirror {
             )
         };
         let (registry, repo) = if let Some(ns) = ns {
-            let registry = self
-                .by_host
-                .get(&ns.to_ascii_lowercase())
+            let registry = looks_like_host(ns)
+                .then(|| self.registry_for(ns))
+                .flatten()
                 .ok_or_else(|| unknown(ns))?;
-            (Arc::clone(registry), name)
+            (registry, name)
         } else {
             match name.split_once('/') {
                 Some((first, rest)) if looks_like_host(first) => {
-                    let registry = self.by_host.get(first).ok_or_else(|| unknown(first))?;
-                    (Arc::clone(registry), rest)
+                    (self.registry_for(first).ok_or_else(|| unknown(first))?, rest)
                 }
                 _ => (Arc::clone(&self.default_registry), name),
             }

@@ -40,6 +40,8 @@ pub enum StartError {
     },
     #[error("cache.redis: {0}")]
     Redis(#[from] TagError),
+    #[error(transparent)]
+    Credentials(#[from] crate::upstream::CredentialError),
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -93,7 +95,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tags,
         pool,
         Arc::clone(&metrics),
-    ));
+    )?);
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)

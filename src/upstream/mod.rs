@@ -5,6 +5,7 @@
 //! This module knows *how* to fetch; whether to fetch at all is the mirror's decision.
 
 mod auth;
+mod credentials;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 pub use auth::{Challenge, Credentials};
+pub use credentials::{CredentialError, CredentialSource};
 use auth::{TokenCache, TokenResponse};
 
 use crate::config::BaseUrl;
@@ -149,7 +151,9 @@ fn root_certificates() -> rustls::RootCertStore {
 pub struct Upstream {
     name: String,
     base: BaseUrl,
-    credentials: Option<Credentials>,
+    credentials: CredentialSource,
+    /// Token realms on other hosts trusted with the credentials (URL prefixes).
+    token_realms: Vec<String>,
     pool: Pool,
     tokens: TokenCache,
     /// The last Bearer challenge seen, so a token for a new scope is fetched before the first
@@ -160,11 +164,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(name: String, base: BaseUrl, credentials: Option<Credentials>, pool: Pool) -> Self {
+    pub fn new(
+        name: String,
+        base: BaseUrl,
+        credentials: CredentialSource,
+        token_realms: Vec<String>,
+        pool: Pool,
+    ) -> Self {
         Self {
             name,
             base,
             credentials,
+            token_realms,
             pool,
             tokens: TokenCache::default(),
             challenge: Mutex::new(None),
@@ -181,7 +192,9 @@ impl Upstream {
         self.pool.timeouts.idle
     }
 
-    /// Sends `request`, answering one authentication challenge and following redirects.
+    /// Sends `request`, answering an authentication challenge and following redirects. When
+    /// fresh credentials are rejected too and they come from a helper, the helper is asked again
+    /// once (expired ECR tokens).
     pub async fn send(
         &self,
         request: &UpstreamRequest,
@@ -189,25 +202,42 @@ impl Upstream {
         let mut authorization = self
             .cached_or_prefetched_authorization(&request.scope)
             .await?;
-        let response = self
+        let mut response = self
             .send_following_redirects(request, authorization.clone())
             .await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(response);
+        for attempt in 0..2 {
+            if response.status() != StatusCode::UNAUTHORIZED {
+                break;
+            }
+            let Some(challenge) = Challenge::parse(response.headers().get_all(WWW_AUTHENTICATE))
+            else {
+                break;
+            };
+            // A rejected token is forgotten; the challenge says how to get a new one, and for
+            // which scope (a registry may want more than the repository's pull scope).
+            if authorization.is_some() {
+                self.tokens.remove(&request.scope);
+            }
+            if attempt == 1 && !self.credentials.invalidate().await {
+                break;
+            }
+            authorization = match self.authorize(&challenge, &request.scope).await {
+                Ok(Some(authorization)) => Some(authorization),
+                Ok(None) => break,
+                Err(error) if attempt == 0 && self.credentials.invalidate().await => {
+                    tracing::debug!(%error, "token request failed; asking the credential helper again");
+                    self.authorize(&challenge, &request.scope).await?
+                }
+                Err(error) => return Err(error),
+            };
+            if authorization.is_none() {
+                break;
+            }
+            response = self
+                .send_following_redirects(request, authorization.clone())
+                .await?;
         }
-        let Some(challenge) = Challenge::parse(response.headers().get_all(WWW_AUTHENTICATE)) else {
-            return Ok(response);
-        };
-        // A rejected token is forgotten; the challenge says how to get a new one, and for which
-        // scope (a registry may want more than the repository's pull scope).
-        if authorization.is_some() {
-            self.tokens.remove(&request.scope);
-        }
-        authorization = self.authorize(&challenge, &request.scope).await?;
-        if authorization.is_none() {
-            return Ok(response);
-        }
-        self.send_following_redirects(request, authorization).await
+        Ok(response)
     }
 
     async fn cached_or_prefetched_authorization(
@@ -236,7 +266,7 @@ impl Upstream {
         scope: &str,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
         match challenge {
-            Challenge::Basic => Ok(self.credentials.as_ref().map(Credentials::basic_header)),
+            Challenge::Basic => Ok(self.credentials.get().await.map(|c| c.basic_header())),
             Challenge::Bearer {
                 realm,
                 service,
@@ -290,12 +320,13 @@ impl Upstream {
             return Err(token_error("the realm is not an http(s) URL".into()));
         }
         let mut builder = Request::get(uri.clone()).header(USER_AGENT, USER_AGENT_VALUE);
-        if let Some(credentials) = &self.credentials {
-            // Credentials go only where they cannot be read on the way: TLS, or the registry's own host.
-            if uri.scheme_str() == Some("https") || uri.host() == Some(self.base.host()) {
-                builder = builder.header(AUTHORIZATION, credentials.basic_header());
+        if self.credentials.is_some() {
+            if self.realm_is_trusted(&uri) {
+                if let Some(credentials) = self.credentials.get().await {
+                    builder = builder.header(AUTHORIZATION, credentials.basic_header());
+                }
             } else {
-                tracing::warn!(registry = %self.name, %realm, "not sending credentials to a plain-http token realm on another host");
+                tracing::warn!(registry = %self.name, %realm, "the token realm is not trusted with this registry's credentials (see token_realms); asking anonymously");
             }
         }
         let request = builder
@@ -316,6 +347,24 @@ impl Upstream {
         parsed
             .into_authorization()
             .ok_or_else(|| token_error("the response has no token".into()))
+    }
+
+    /// Whether a token realm may receive this registry's credentials: the registry's own host, a
+    /// host under the same parent domain over https (auth.docker.io for registry-1.docker.io), or a
+    /// realm listed in `token_realms`. A hostile upstream cannot harvest them with a crafted realm.
+    fn realm_is_trusted(&self, realm: &Uri) -> bool {
+        let Some(host) = realm.host() else {
+            return false;
+        };
+        if host == self.base.host() {
+            return true;
+        }
+        let https = realm.scheme_str() == Some("https");
+        let listed = self
+            .token_realms
+            .iter()
+            .any(|prefix| realm.to_string().starts_with(prefix.as_str()));
+        listed || (https && same_parent_domain(host, self.base.host()))
     }
 
     async fn send_following_redirects(
@@ -484,6 +533,18 @@ fn resolve_location(base: &Uri, location: &str) -> Option<Uri> {
     None
 }
 
+/// `auth.docker.io` and `registry-1.docker.io` share `docker.io`; IP addresses share nothing.
+fn same_parent_domain(a: &str, b: &str) -> bool {
+    let parent = |host: &str| -> Option<String> {
+        if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+            return None;
+        }
+        let labels: Vec<&str> = host.split('.').collect();
+        (labels.len() >= 2).then(|| labels[labels.len() - 2..].join("."))
+    };
+    matches!((parent(a), parent(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// Percent-encodes a query value (RFC 3986 unreserved characters stay as they are).
 fn encode_query_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
@@ -546,6 +607,15 @@ mod tests {
             "https://cdn.example/y"
         );
         assert!(resolve_location(&base, "relative").is_none());
+    }
+
+    #[test]
+    fn parent_domains() {
+        assert!(same_parent_domain("auth.docker.io", "registry-1.docker.io"));
+        assert!(same_parent_domain("gitlab.com", "registry.gitlab.com"));
+        assert!(!same_parent_domain("evil.example", "registry.gitlab.com"));
+        assert!(!same_parent_domain("127.0.0.2", "127.0.0.1"));
+        assert!(!same_parent_domain("localhost", "localhost"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! A missing tool fails the test under CI (`CI` set) and skips it loudly otherwise.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod fake;
 pub mod images;
 pub mod redis;
@@ -231,7 +232,7 @@ impl Gantry {
 /// The YAML config the harness runs gantry with.
 pub fn config_yaml(dir: &Path, upstream_url: &str, options: Options<'_>) -> String {
     format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstorage:\n  path: {}\n{}\nmirroring:\n  source: {upstream_url}\n  tags_cache_ttl: {}\n{}\ntimeouts:\n  shutdown: 5s\n{}\n",
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstorage:\n  path: {}\n{}\nmirroring:\n  source: {upstream_url}\n  insecure: true\n  tags_cache_ttl: {}\n{}\ntimeouts:\n  shutdown: 5s\n{}\n",
         dir.join("store").display(),
         options.storage,
         if options.ttl.is_empty() { "10m" } else { options.ttl },
