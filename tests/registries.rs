@@ -6,7 +6,9 @@ mod common;
 
 use base64::Engine as _;
 use common::fake::{Fake, Scripted};
-use common::{file_digest, http_get, pull, require_tools, skopeo, Gantry, Layout, Options, ACCEPT_ALL};
+use common::{
+    file_digest, http_get, pull, require_tools, skopeo, Gantry, Layout, Options, ACCEPT_ALL,
+};
 use http::StatusCode;
 use sha2::Digest as _;
 
@@ -66,16 +68,21 @@ async fn each_registry_serves_its_own_content_with_its_own_credentials() {
     let private_digest = push_image(&private.host(), 22, Some(&format!("{USER}:{PASSWORD}"))).await;
     assert_ne!(open_digest, private_digest);
 
-    let realm = Fake::start(|_| Scripted::json(StatusCode::OK, serde_json::json!({"token": "good"}))).await;
+    let realm =
+        Fake::start(|_| Scripted::json(StatusCode::OK, serde_json::json!({"token": "good"}))).await;
     let bearer = bearer_registry(realm.url()).await;
-    let bearer_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bearer_manifest())));
+    let bearer_digest = format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(bearer_manifest()))
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let docker_config = dir.path().join("config.json");
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
     std::fs::write(
         &docker_config,
-        serde_json::to_vec(&serde_json::json!({"auths": {"b-config.example": {"auth": auth}}})).unwrap(),
+        serde_json::to_vec(&serde_json::json!({"auths": {"b-config.example": {"auth": auth}}}))
+            .unwrap(),
     )
     .unwrap();
     let helper = dir.path().join("docker-credential-test");
@@ -88,7 +95,11 @@ async fn each_registry_serves_its_own_content_with_its_own_credentials() {
         ),
     )
     .unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(&helper).status().unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&helper)
+        .status()
+        .unwrap();
 
     let private_url = format!("http://{}", private.host());
     let registries = format!(
@@ -117,36 +128,77 @@ async fn each_registry_serves_its_own_content_with_its_own_credentials() {
     };
 
     // The same repository name, four ways, never mixed up in the cache.
-    assert_eq!(digest_of("/v2/team/app/manifests/v1".into()).await, open_digest);
-    assert_eq!(digest_of("/v2/team/app/manifests/v1?ns=b.example".into()).await, private_digest);
-    assert_eq!(digest_of("/v2/b.example/team/app/manifests/v1".into()).await, private_digest);
-    assert_eq!(digest_of("/v2/team/app/manifests/v1?ns=c.example".into()).await, bearer_digest);
-    assert_eq!(digest_of("/v2/c.example/team/app/manifests/v1".into()).await, bearer_digest);
-    assert_eq!(digest_of("/v2/team/app/manifests/v1".into()).await, open_digest);
+    assert_eq!(
+        digest_of("/v2/team/app/manifests/v1".into()).await,
+        open_digest
+    );
+    assert_eq!(
+        digest_of("/v2/team/app/manifests/v1?ns=b.example".into()).await,
+        private_digest
+    );
+    assert_eq!(
+        digest_of("/v2/b.example/team/app/manifests/v1".into()).await,
+        private_digest
+    );
+    assert_eq!(
+        digest_of("/v2/team/app/manifests/v1?ns=c.example".into()).await,
+        bearer_digest
+    );
+    assert_eq!(
+        digest_of("/v2/c.example/team/app/manifests/v1".into()).await,
+        bearer_digest
+    );
+    assert_eq!(
+        digest_of("/v2/team/app/manifests/v1".into()).await,
+        open_digest
+    );
 
     // Credentials from a config.json and from a helper (asked again after its first answer is refused).
-    assert_eq!(digest_of("/v2/b-config.example/team/app/manifests/v1".into()).await, private_digest);
-    assert_eq!(digest_of("/v2/team/app/manifests/v1?ns=b-helper.example".into()).await, private_digest);
+    assert_eq!(
+        digest_of("/v2/b-config.example/team/app/manifests/v1".into()).await,
+        private_digest
+    );
+    assert_eq!(
+        digest_of("/v2/team/app/manifests/v1?ns=b-helper.example".into()).await,
+        private_digest
+    );
     let asked = std::fs::read_to_string(&calls).unwrap();
-    assert_eq!(asked.lines().collect::<Vec<_>>(), ["b-helper.example", "b-helper.example"], "{asked}");
+    assert_eq!(
+        asked.lines().collect::<Vec<_>>(),
+        ["b-helper.example", "b-helper.example"],
+        "{asked}"
+    );
 
     // Without credentials the private registry denies, with an OCI DENIED body.
-    let denied = http_get(&gantry.url("/v2/b-anonymous.example/team/app/manifests/v1"), &[]).await.unwrap();
+    let denied = http_get(
+        &gantry.url("/v2/b-anonymous.example/team/app/manifests/v1"),
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(denied.status, StatusCode::FORBIDDEN);
     assert_eq!(denied.error_code().as_deref(), Some("DENIED"));
 
     // Whole pulls through the path prefix get each registry's bytes.
-    for (name, digest) in [("team/app", &open_digest), ("b.example/team/app", &private_digest)] {
+    for (name, digest) in [
+        ("team/app", &open_digest),
+        ("b.example/team/app", &private_digest),
+    ] {
         let (out, result) = pull(&format!("{}/{name}:v1", gantry.host()), false).await;
         result.unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(&file_digest(&out.path().join("image/manifest.json")), digest, "{name}");
+        assert_eq!(
+            &file_digest(&out.path().join("image/manifest.json")),
+            digest,
+            "{name}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_go_only_to_trusted_token_realms() {
     // The realm is on another host name (`localhost` vs the registry's `127.0.0.1`).
-    let realm = Fake::start(|_| Scripted::json(StatusCode::OK, serde_json::json!({"token": "good"}))).await;
+    let realm =
+        Fake::start(|_| Scripted::json(StatusCode::OK, serde_json::json!({"token": "good"}))).await;
     let realm_base = format!("http://localhost:{}", realm.addr.port());
     let bearer = bearer_registry(realm_base.clone()).await;
     let credentials = format!("  username: {USER}\n  password: {PASSWORD}\n  public: true");
@@ -156,9 +208,14 @@ async fn credentials_go_only_to_trusted_token_realms() {
         ..Options::default()
     };
     let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &bearer.url(), untrusted).await;
-    let reply = http_get(&gantry.url("/v2/team/app/manifests/v1"), &[]).await.unwrap();
+    let reply = http_get(&gantry.url("/v2/team/app/manifests/v1"), &[])
+        .await
+        .unwrap();
     assert_eq!(reply.status, StatusCode::OK);
-    assert!(realm.seen().iter().all(|s| s.authorization().is_none()), "a foreign realm got credentials");
+    assert!(
+        realm.seen().iter().all(|s| s.authorization().is_none()),
+        "a foreign realm got credentials"
+    );
 
     realm.clear();
     let listed = format!("{credentials}\n  token_realms: [\"{realm_base}/\"]");
@@ -167,17 +224,27 @@ async fn credentials_go_only_to_trusted_token_realms() {
         ..Options::default()
     };
     let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &bearer.url(), trusted).await;
-    let reply = http_get(&gantry.url("/v2/team/app/manifests/v1"), &[]).await.unwrap();
+    let reply = http_get(&gantry.url("/v2/team/app/manifests/v1"), &[])
+        .await
+        .unwrap();
     assert_eq!(reply.status, StatusCode::OK);
-    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}")));
-    assert_eq!(realm.seen()[0].authorization().as_deref(), Some(basic.as_str()));
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
+    );
+    assert_eq!(
+        realm.seen()[0].authorization().as_deref(),
+        Some(basic.as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_registries_are_refused_unless_any_is_allowed() {
     let upstream = Fake::start(|_| Scripted::new(StatusCode::NOT_FOUND)).await;
     let gantry = Gantry::start(&upstream.url()).await;
-    let refused = http_get(&gantry.url("/v2/team/app/manifests/v1?ns=quay.io"), &[]).await.unwrap();
+    let refused = http_get(&gantry.url("/v2/team/app/manifests/v1?ns=quay.io"), &[])
+        .await
+        .unwrap();
     assert_eq!(refused.status, StatusCode::NOT_FOUND);
     assert_eq!(refused.error_code().as_deref(), Some("NAME_UNKNOWN"));
     assert!(upstream.seen().is_empty());

@@ -2,6 +2,7 @@
 //! responses (headers, `Range`, `HEAD`, OCI error bodies). Every error a client sees is built in
 //! [`error_response`], the one place where internal errors become HTTP.
 
+mod counted;
 mod range;
 mod route;
 
@@ -20,6 +21,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 pub use range::RangeAnswer;
 pub use route::Route;
 
+use crate::metrics::Metrics;
 use crate::mirror::{BlobSource, Follower, Manifest, Mirror, MirrorError, Target};
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
 use crate::store::FileChunks;
@@ -36,6 +38,7 @@ const IMMUTABLE: HeaderValue = HeaderValue::from_static("max-age=31536000");
 #[derive(Clone)]
 pub struct Api {
     mirror: Arc<Mirror>,
+    metrics: Arc<Metrics>,
 }
 
 /// What a request was, for the request log line and metrics.
@@ -44,8 +47,14 @@ pub struct Outcome {
 }
 
 impl Api {
-    pub fn new(mirror: Arc<Mirror>) -> Self {
-        Self { mirror }
+    pub fn new(mirror: Arc<Mirror>, metrics: Arc<Metrics>) -> Self {
+        Self { mirror, metrics }
+    }
+
+    /// Counts what a body actually sends under `gantry_bytes_served_total{source}`.
+    fn counted(&self, response: Response<ResponseBody>, source: &str) -> Response<ResponseBody> {
+        let counter = self.metrics.bytes_served.with_label_values(&[source]);
+        response.map(|body| counted::Counted::new(body, counter).boxed_unsync())
     }
 
     pub async fn handle<B>(&self, request: Request<B>) -> (Response<ResponseBody>, Outcome) {
@@ -108,17 +117,22 @@ impl Api {
                 let reference = Reference::parse(reference)?;
                 let accept = AcceptSet::from_headers(request.headers());
                 let manifest = self.mirror.manifest(&target, &reference, accept).await?;
-                Ok(manifest_response(manifest, request, head))
+                let source = if manifest.cached { "cache" } else { "upstream" };
+                Ok(self.counted(manifest_response(manifest, request, head), source))
             }
             Route::Blob { name, digest } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
                 let digest = Digest::parse(digest)?;
                 let source = self.mirror.blob(&target, &digest, head).await?;
+                let origin = match source {
+                    BlobSource::Cached(_) => "cache",
+                    BlobSource::Downloading { .. } | BlobSource::Upstream { .. } => "upstream",
+                };
                 let range = request
                     .headers()
                     .get(http::header::RANGE)
                     .and_then(|v| v.to_str().ok());
-                Ok(blob_response(source, &digest, range, head))
+                Ok(self.counted(blob_response(source, &digest, range, head), origin))
             }
             Route::TagsList { name } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;

@@ -26,8 +26,7 @@ use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::store::{BlobFile, Store};
 use crate::tags::{TagEntry, Tags};
 use crate::upstream::{
-    CredentialError, CredentialSource, Pool, Upstream, UpstreamBody, UpstreamError,
-    UpstreamRequest,
+    CredentialError, CredentialSource, Pool, Upstream, UpstreamBody, UpstreamError, UpstreamRequest,
 };
 
 /// Upstream error bodies are read for their OCI code; anything larger is not an error document.
@@ -66,6 +65,8 @@ pub struct Manifest {
     pub bytes: Bytes,
     /// Served past its TTL because the upstream failed.
     pub stale: bool,
+    /// Answered from the caches (store, tag cache, Redis) rather than fetched upstream now.
+    pub cached: bool,
 }
 
 /// Where a blob's bytes come from.
@@ -114,7 +115,11 @@ impl Registry {
     ) -> Result<Self, CredentialError> {
         let docker_hub = is_docker_hub(access.url);
         let credentials = CredentialSource::from_access(access, &name, docker_hub)?;
-        let realms = access.token_realms.iter().map(|r| (*r).to_owned()).collect();
+        let realms = access
+            .token_realms
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect();
         Ok(Self {
             upstream: Arc::new(Upstream::new(
                 name,
@@ -167,7 +172,10 @@ impl Mirror {
         }
         for (index, entry) in config.registries.iter().enumerate() {
             let host = entry.host.0.to_ascii_lowercase();
-            let ttl = entry.tags_cache_ttl.unwrap_or(config.mirroring.tags_cache_ttl).0;
+            let ttl = entry
+                .tags_cache_ttl
+                .unwrap_or(config.mirroring.tags_cache_ttl)
+                .0;
             let registry = Registry::new(host.clone(), &entry.access(index), ttl, &pool)?;
             by_host.insert(host, Arc::new(registry));
         }
@@ -250,9 +258,10 @@ impl Mirror {
             (registry, name)
         } else {
             match name.split_once('/') {
-                Some((first, rest)) if looks_like_host(first) => {
-                    (self.registry_for(first).ok_or_else(|| unknown(first))?, rest)
-                }
+                Some((first, rest)) if looks_like_host(first) => (
+                    self.registry_for(first).ok_or_else(|| unknown(first))?,
+                    rest,
+                ),
                 _ => (Arc::clone(&self.default_registry), name),
             }
         };
@@ -290,6 +299,7 @@ impl Mirror {
                     media_type: stored.media_type,
                     bytes: stored.bytes,
                     stale: false,
+                    cached: true,
                 });
             }
         }
@@ -421,6 +431,7 @@ impl Mirror {
                 media_type: stored.media_type,
                 bytes: stored.bytes,
                 stale: false,
+                cached: true,
             });
         }
         let (media_type, bytes) = self.tags.shared_manifest(&entry.digest).await?;
@@ -439,6 +450,7 @@ impl Mirror {
             media_type,
             bytes,
             stale: false,
+            cached: true,
         })
     }
 
@@ -529,6 +541,7 @@ impl Mirror {
             media_type,
             bytes,
             stale: false,
+            cached: false,
         })
     }
 

@@ -119,7 +119,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         header_read: config.timeouts.header_read.0,
         grace: config.timeouts.shutdown.0,
     };
-    let api = Api::new(Arc::clone(&mirror));
+    let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics));
     let api_metrics = Arc::clone(&metrics);
     let handler = move |request: Request<Incoming>| {
         let api = api.clone();
