@@ -129,3 +129,58 @@ pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
         }
     }
 }
+
+pub fn warm(
+    mirror: &str,
+    platforms: Vec<String>,
+    file: Option<&Path>,
+    mut images: Vec<String>,
+) -> ExitCode {
+    let mirror = match crate::config::BaseUrl::parse(mirror) {
+        Ok(mirror) => mirror,
+        Err(error) => {
+            eprintln!("gantry: --mirror: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(file) = file {
+        match std::fs::read_to_string(file) {
+            Ok(text) => images.extend(
+                text.lines()
+                    .map(|line| line.split('#').next().unwrap_or("").trim())
+                    .filter(|line| !line.is_empty())
+                    .map(str::to_owned),
+            ),
+            Err(error) => {
+                eprintln!("gantry: --file {}: {error}", file.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    if images.is_empty() {
+        eprintln!("gantry: warm: name at least one image (or --file)");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let show_progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let warmer = crate::warm::Warmer::new(mirror, platforms, show_progress);
+    let summary = runtime.block_on(warmer.warm_all(&images));
+    println!(
+        "warmed {} of {} images: {} blobs, {} bytes",
+        summary.images,
+        images.len(),
+        summary.blobs,
+        summary.bytes
+    );
+    for failure in &summary.failures {
+        eprintln!("gantry: warm failed: {failure}");
+    }
+    if summary.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

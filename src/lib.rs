@@ -15,3 +15,4 @@ pub mod server;
 pub mod store;
 pub mod tags;
 pub mod upstream;
+pub mod warm;

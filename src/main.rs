@@ -30,6 +30,20 @@ enum Command {
     },
     /// Validate a config file and print the effective configuration with secrets redacted.
     CheckConfig { file: PathBuf },
+    /// Pre-pull images into a running mirror's cache.
+    Warm {
+        /// The mirror's URL.
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        mirror: String,
+        /// Only these platforms of a multi-platform image (os/arch[/variant]); all when absent.
+        #[arg(long)]
+        platform: Vec<String>,
+        /// A file with one image reference per line (# comments allowed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Image references: alpine:3.20, ghcr.io/owner/app:v1, redis@sha256:…
+        images: Vec<String>,
+    },
     /// Offline store maintenance: clear tmp/, evict to storage.max_size, optionally re-verify.
     Gc {
         #[arg(long, short)]
@@ -46,5 +60,11 @@ fn main() -> ExitCode {
         Command::Serve { config, listen } => cli::serve(config.as_deref(), listen),
         Command::CheckConfig { file } => cli::check_config(&file),
         Command::Gc { config, verify } => cli::gc(config.as_deref(), verify),
+        Command::Warm {
+            mirror,
+            platform,
+            file,
+            images,
+        } => cli::warm(&mirror, platform, file.as_deref(), images),
     }
 }

@@ -41,9 +41,13 @@ pub struct Api {
     metrics: Arc<Metrics>,
 }
 
-/// What a request was, for the request log line and metrics.
+/// What a request was and how it was answered, for the request log line and metrics.
 pub struct Outcome {
     pub route: &'static str,
+    /// `hit`, `miss`, `stale`, or `-` when no cache was involved.
+    pub cache: &'static str,
+    /// The error the client got, if any (its internals stay in the log).
+    pub error: Option<String>,
 }
 
 impl Api {
@@ -59,12 +63,17 @@ impl Api {
 
     pub async fn handle<B>(&self, request: Request<B>) -> (Response<ResponseBody>, Outcome) {
         let route = Route::parse(request.uri().path());
-        let outcome = Outcome {
+        let mut outcome = Outcome {
             route: route.label(),
+            cache: "-",
+            error: None,
         };
-        let mut response = match self.dispatch(&route, &request).await {
+        let mut response = match self.dispatch(&route, &request, &mut outcome).await {
             Ok(response) => response,
-            Err(error) => error_response(&error, &route),
+            Err(error) => {
+                outcome.error = Some(error.to_string());
+                error_response(&error, &route)
+            }
         };
         if let Some(ns) = query_param(request.uri().query(), "ns") {
             if let Ok(value) = HeaderValue::from_str(&ns) {
@@ -81,6 +90,7 @@ impl Api {
         &self,
         route: &Route,
         request: &Request<B>,
+        outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, MirrorError> {
         let method = request.method();
         if matches!(route, Route::NotFound) {
@@ -117,6 +127,11 @@ impl Api {
                 let reference = Reference::parse(reference)?;
                 let accept = AcceptSet::from_headers(request.headers());
                 let manifest = self.mirror.manifest(&target, &reference, accept).await?;
+                outcome.cache = match (manifest.stale, manifest.cached) {
+                    (true, _) => "stale",
+                    (false, true) => "hit",
+                    (false, false) => "miss",
+                };
                 let source = if manifest.cached { "cache" } else { "upstream" };
                 Ok(self.counted(manifest_response(manifest, request, head), source))
             }
@@ -128,6 +143,7 @@ impl Api {
                     BlobSource::Cached(_) => "cache",
                     BlobSource::Downloading { .. } | BlobSource::Upstream { .. } => "upstream",
                 };
+                outcome.cache = if origin == "cache" { "hit" } else { "miss" };
                 let range = request
                     .headers()
                     .get(http::header::RANGE)

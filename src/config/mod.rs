@@ -109,17 +109,27 @@ pub struct UpstreamAccess<'a> {
 
 impl UpstreamAccess<'_> {
     fn has_credentials(&self) -> bool {
-        self.username.is_some_and(|u| !u.is_empty()) || self.docker_config.is_some() || self.credential_helper.is_some()
+        self.username.is_some_and(|u| !u.is_empty())
+            || self.docker_config.is_some()
+            || self.credential_helper.is_some()
     }
 
     fn problems(&self, problems: &mut Vec<String>) {
         let key = &self.key;
         if self.username.is_some() != self.password.is_some() {
-            problems.push(format!("{key}.username, {key}.password: give both or neither"));
+            problems.push(format!(
+                "{key}.username, {key}.password: give both or neither"
+            ));
         }
-        let sources = [self.username.is_some_and(|u| !u.is_empty()), self.docker_config.is_some(), self.credential_helper.is_some()];
+        let sources = [
+            self.username.is_some_and(|u| !u.is_empty()),
+            self.docker_config.is_some(),
+            self.credential_helper.is_some(),
+        ];
         if sources.iter().filter(|s| **s).count() > 1 {
-            problems.push(format!("{key}: use one of username/password, docker_config and credential_helper"));
+            problems.push(format!(
+                "{key}: use one of username/password, docker_config and credential_helper"
+            ));
         }
         if !self.url.is_https() && !self.insecure {
             problems.push(format!(
@@ -135,12 +145,26 @@ impl UpstreamAccess<'_> {
         }
         if let Some(path) = self.docker_config {
             if !path.is_file() {
-                problems.push(format!("{key}.docker_config: {} is not a readable file", path.display()));
+                problems.push(format!(
+                    "{key}.docker_config: {} is not a readable file",
+                    path.display()
+                ));
             }
         }
         for realm in &self.token_realms {
-            if BaseUrl::parse(realm.split('/').take(3).collect::<Vec<_>>().join("/").as_str()).is_err() {
-                problems.push(format!("{key}.token_realms: `{realm}` is not an http(s) URL"));
+            if BaseUrl::parse(
+                realm
+                    .split('/')
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("/")
+                    .as_str(),
+            )
+            .is_err()
+            {
+                problems.push(format!(
+                    "{key}.token_realms: `{realm}` is not an http(s) URL"
+                ));
             }
         }
     }
@@ -539,7 +563,9 @@ log:
                 .replace("/etc/gantry/docker-config.json", file!())
                 .lines()
                 .map(|line| match line.find("_env:") {
-                    Some(_) if !line.trim_end().ends_with(":x") => format!("{}:x\n", line.trim_end()),
+                    Some(_) if !line.trim_end().ends_with(":x") => {
+                        format!("{}:x\n", line.trim_end())
+                    }
                     _ => format!("{line}\n"),
                 })
                 .collect();
@@ -570,16 +596,24 @@ log:
     #[test]
     fn upstream_access_is_checked() {
         let err = parse("mirroring:\n  source: http://10.0.0.1:5000\n").unwrap_err();
-        assert!(err.contains("mirroring: `http://10.0.0.1:5000` is plain http"), "{err}");
+        assert!(
+            err.contains("mirroring: `http://10.0.0.1:5000` is plain http"),
+            "{err}"
+        );
         assert!(parse("mirroring:\n  source: http://10.0.0.1:5000\n  insecure: true\n").is_ok());
         let private = "registries:\n  - host: ghcr.io\n    url: https://ghcr.io\n    username: u\n    password: p\n";
         let err = parse(private).unwrap_err();
-        assert!(err.contains("registries[0]: gantry holds credentials"), "{err}");
+        assert!(
+            err.contains("registries[0]: gantry holds credentials"),
+            "{err}"
+        );
         assert!(parse(&format!("{private}    public: true\n")).is_ok());
         let both = "mirroring:\n  username: u\n  password: p\n  credential_helper: ecr-login\n  public: true\n";
         assert!(parse(both).unwrap_err().contains("use one of"));
         let missing = "mirroring:\n  docker_config: /nonexistent/config.json\n  public: true\n";
-        assert!(parse(missing).unwrap_err().contains("mirroring.docker_config"));
+        assert!(parse(missing)
+            .unwrap_err()
+            .contains("mirroring.docker_config"));
     }
 
     #[test]

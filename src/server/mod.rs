@@ -191,13 +191,16 @@ async fn logged(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
+    // One line per request; paths hold names and digests only, never credentials.
     tracing::info!(
         %method,
         %path,
         route = outcome.route,
         status = status.as_u16(),
+        cache = outcome.cache,
         bytes = length,
         ms = elapsed.as_secs_f64() * 1000.0,
+        error = outcome.error.as_deref(),
         "request"
     );
     response

@@ -35,7 +35,11 @@ pub struct Helper {
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     #[error("{key}.docker_config: cannot read {path}: {reason}")]
-    DockerConfig { key: String, path: PathBuf, reason: String },
+    DockerConfig {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// The parts of `~/.docker/config.json` that hold credentials.
@@ -62,8 +66,16 @@ struct AuthEntry {
 
 impl CredentialSource {
     /// Builds the source named by the config. `docker_hub` selects Docker Hub's key in config.json.
-    pub fn from_access(access: &UpstreamAccess<'_>, host: &str, docker_hub: bool) -> Result<Self, CredentialError> {
-        let server_url = if docker_hub { DOCKER_HUB_KEY.to_owned() } else { host.to_owned() };
+    pub fn from_access(
+        access: &UpstreamAccess<'_>,
+        host: &str,
+        docker_hub: bool,
+    ) -> Result<Self, CredentialError> {
+        let server_url = if docker_hub {
+            DOCKER_HUB_KEY.to_owned()
+        } else {
+            host.to_owned()
+        };
         if let (Some(username), Some(password)) = (access.username, access.password) {
             if !username.is_empty() {
                 return Ok(CredentialSource::Static(Credentials {
@@ -76,7 +88,14 @@ impl CredentialSource {
             return Ok(CredentialSource::Helper(Helper::new(helper, server_url)));
         }
         if let Some(path) = access.docker_config {
-            return Self::from_docker_config(&access.key, path, host, access.url.authority(), docker_hub, server_url);
+            return Self::from_docker_config(
+                &access.key,
+                path,
+                host,
+                access.url.authority(),
+                docker_hub,
+                server_url,
+            );
         }
         Ok(CredentialSource::None)
     }
@@ -96,9 +115,22 @@ impl CredentialSource {
         };
         let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
         let config: DockerConfig = serde_json::from_str(&text).map_err(|e| error(e.to_string()))?;
-        let mut names = vec![host.to_owned(), authority.to_owned(), format!("https://{host}"), format!("https://{authority}")];
+        let mut names = vec![
+            host.to_owned(),
+            authority.to_owned(),
+            format!("https://{host}"),
+            format!("https://{authority}"),
+        ];
         if docker_hub {
-            names.extend([DOCKER_HUB_KEY, "index.docker.io", "docker.io", "registry-1.docker.io"].map(str::to_owned));
+            names.extend(
+                [
+                    DOCKER_HUB_KEY,
+                    "index.docker.io",
+                    "docker.io",
+                    "registry-1.docker.io",
+                ]
+                .map(str::to_owned),
+            );
         }
         if let Some(helper) = names.iter().find_map(|n| config.cred_helpers.get(n)) {
             return Ok(CredentialSource::Helper(Helper::new(helper, server_url)));
@@ -180,7 +212,9 @@ impl Helper {
                 Ok(Err(reason)) => {
                     tracing::warn!(helper = %self.program.display(), %reason, "credential helper failed");
                 }
-                Err(_) => tracing::warn!(helper = %self.program.display(), "credential helper timed out"),
+                Err(_) => {
+                    tracing::warn!(helper = %self.program.display(), "credential helper timed out")
+                }
             }
         }
         cached.clone()
@@ -214,9 +248,12 @@ impl Helper {
             #[serde(rename = "Secret")]
             secret: String,
         }
-        let answer: Answer = serde_json::from_slice(&output.stdout).map_err(|e| format!("unreadable answer: {e}"))?;
+        let answer: Answer = serde_json::from_slice(&output.stdout)
+            .map_err(|e| format!("unreadable answer: {e}"))?;
         if answer.username == "<token>" {
-            return Err("identity tokens are not supported; configure a username and password".into());
+            return Err(
+                "identity tokens are not supported; configure a username and password".into(),
+            );
         }
         tracing::debug!(helper = %self.program.display(), "credential helper answered");
         Ok(Credentials {
@@ -237,7 +274,10 @@ mod tests {
             ..AuthEntry::default()
         };
         let credentials = encoded.credentials().unwrap();
-        assert_eq!((credentials.username.as_str(), credentials.password.expose()), ("me", "s3cret"));
+        assert_eq!(
+            (credentials.username.as_str(), credentials.password.expose()),
+            ("me", "s3cret")
+        );
         let split = AuthEntry {
             username: Some("you".into()),
             password: Some("pw".into()),

@@ -21,8 +21,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 pub use auth::{Challenge, Credentials};
-pub use credentials::{CredentialError, CredentialSource};
 use auth::{TokenCache, TokenResponse};
+pub use credentials::{CredentialError, CredentialSource};
 
 use crate::config::BaseUrl;
 use crate::metrics::Metrics;
@@ -408,7 +408,8 @@ impl Upstream {
                 .ok_or_else(|| self.redirect_error("a redirect without Location"))?;
             uri = resolve_location(&uri, location)
                 .ok_or_else(|| self.redirect_error("a redirect to an invalid URL"))?;
-            tracing::debug!(registry = %self.name, %uri, "following a redirect");
+            // Signed redirect URLs are credentials of a kind: log the host only.
+            tracing::debug!(registry = %self.name, host = uri.host().unwrap_or("-"), "following a redirect");
         }
         Err(self.redirect_error("too many redirects"))
     }

@@ -1,0 +1,316 @@
+//! `gantry warm`: pre-pulls images into a running mirror, so the next client pull is all cache.
+//!
+//! It talks to the mirror exactly as a client would (through the same upstream client gantry uses
+//! for registries), resolves each tag, walks an index into the platforms asked for, and reads
+//! every blob through the mirror, discarding the bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, StatusCode};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+use crate::config::BaseUrl;
+use crate::metrics::Metrics;
+use crate::oci::{MediaType, MANIFEST_TYPES};
+use crate::upstream::{CredentialSource, Pool, Timeouts, Upstream, UpstreamRequest};
+
+/// Manifests larger than this are not manifests.
+const MAX_MANIFEST: usize = 8 << 20;
+
+/// An image reference as users write it: `alpine:3.20`, `ghcr.io/owner/app@sha256:…`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The mirror path prefix: `""` for Docker Hub, `"ghcr.io/"` for another registry.
+    pub prefix: String,
+    pub repository: String,
+    pub reference: String,
+}
+
+impl ImageRef {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, reference) = match text.split_once('@') {
+            Some((name, digest)) => (name, digest.to_owned()),
+            None => match text.rsplit_once(':') {
+                Some((name, tag)) if !tag.contains('/') => (name, tag.to_owned()),
+                _ => (text, "latest".to_owned()),
+            },
+        };
+        let (prefix, repository) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                if matches!(
+                    first,
+                    "docker.io" | "index.docker.io" | "registry-1.docker.io"
+                ) {
+                    (String::new(), rest.to_owned())
+                } else {
+                    (format!("{first}/"), rest.to_owned())
+                }
+            }
+            _ => (String::new(), name.to_owned()),
+        };
+        if repository.is_empty() || reference.is_empty() {
+            return Err(format!("`{text}` is not an image reference"));
+        }
+        Ok(Self {
+            prefix,
+            repository,
+            reference,
+        })
+    }
+
+    fn path(&self, kind: &str, reference: &str) -> String {
+        format!("/v2/{}{}/{kind}/{reference}", self.prefix, self.repository)
+    }
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+impl Platform {
+    fn matches(&self, wanted: &str) -> bool {
+        let mut name = format!("{}/{}", self.os, self.architecture);
+        if wanted == name {
+            return true;
+        }
+        if let Some(variant) = &self.variant {
+            name = format!("{name}/{variant}");
+        }
+        wanted == name
+    }
+}
+
+#[derive(Deserialize)]
+struct ManifestDoc {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+/// What one warm run did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub images: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+    pub failures: Vec<String>,
+}
+
+pub struct Warmer {
+    mirror: Upstream,
+    /// `os/arch[/variant]`; empty means every platform of an index.
+    platforms: Vec<String>,
+    progress: MultiProgress,
+}
+
+impl Warmer {
+    pub fn new(mirror: BaseUrl, platforms: Vec<String>, show_progress: bool) -> Self {
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(10),
+            first_byte: Duration::from_secs(300),
+            idle: Duration::from_secs(120),
+        };
+        let pool = Pool::new(timeouts, Arc::new(Metrics::new()));
+        let name = mirror.authority().to_owned();
+        let progress = if show_progress {
+            MultiProgress::new()
+        } else {
+            MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+        };
+        Self {
+            mirror: Upstream::new(name, mirror, CredentialSource::None, Vec::new(), pool),
+            platforms,
+            progress,
+        }
+    }
+
+    pub async fn warm_all(&self, images: &[String]) -> Summary {
+        let mut summary = Summary::default();
+        for image in images {
+            match self.warm(image, &mut summary).await {
+                Ok(()) => summary.images += 1,
+                Err(error) => summary.failures.push(format!("{image}: {error}")),
+            }
+        }
+        summary
+    }
+
+    async fn warm(&self, text: &str, summary: &mut Summary) -> Result<(), String> {
+        let image = ImageRef::parse(text)?;
+        let accept = MANIFEST_TYPES[..4].join(", ");
+        let (media_type, body) = self.manifest(&image, &image.reference, &accept).await?;
+        let doc: ManifestDoc =
+            serde_json::from_slice(&body).map_err(|e| format!("unreadable manifest: {e}"))?;
+        let mut images = Vec::new();
+        if media_type == MediaType::OCI_INDEX
+            || media_type == MediaType::DOCKER_LIST
+            || !doc.manifests.is_empty()
+        {
+            for child in &doc.manifests {
+                let wanted = self.platforms.is_empty()
+                    || child
+                        .platform
+                        .as_ref()
+                        .is_some_and(|p| self.platforms.iter().any(|w| p.matches(w)));
+                if wanted {
+                    let (_, body) = self.manifest(&image, &child.digest, &accept).await?;
+                    images.push(
+                        serde_json::from_slice::<ManifestDoc>(&body).map_err(|e| e.to_string())?,
+                    );
+                }
+            }
+            if images.is_empty() {
+                return Err(format!(
+                    "no platform in the index matches {}",
+                    self.platforms.join(", ")
+                ));
+            }
+        } else {
+            images.push(doc);
+        }
+        let blobs: Vec<&Descriptor> = images
+            .iter()
+            .flat_map(|m| m.config.iter().chain(&m.layers))
+            .collect();
+        let total: u64 = blobs.iter().map(|b| b.size).sum();
+        let bar = self.progress.add(ProgressBar::new(total));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(text.to_owned());
+        for blob in blobs {
+            let bytes = self.read_blob(&image, &blob.digest, &bar).await?;
+            summary.blobs += 1;
+            summary.bytes += bytes;
+        }
+        bar.finish();
+        Ok(())
+    }
+
+    async fn manifest(
+        &self,
+        image: &ImageRef,
+        reference: &str,
+        accept: &str,
+    ) -> Result<(String, bytes::Bytes), String> {
+        let mut request = UpstreamRequest::new(
+            Method::GET,
+            &image.repository,
+            image.path("manifests", reference),
+        );
+        request.accept = HeaderValue::from_str(accept).ok();
+        let response = self
+            .mirror
+            .send(&request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status() != StatusCode::OK {
+            return Err(format!(
+                "the mirror answered {} for {reference}",
+                response.status()
+            ));
+        }
+        let media_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = response
+            .into_body()
+            .collect_limited(MAX_MANIFEST)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((media_type, body))
+    }
+
+    async fn read_blob(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+        bar: &ProgressBar,
+    ) -> Result<u64, String> {
+        let request =
+            UpstreamRequest::new(Method::GET, &image.repository, image.path("blobs", digest));
+        let response = self
+            .mirror
+            .send(&request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status() != StatusCode::OK {
+            return Err(format!(
+                "the mirror answered {} for {digest}",
+                response.status()
+            ));
+        }
+        let mut body = response.into_body();
+        let mut read = 0;
+        while let Some(chunk) = body.chunk().await.map_err(|e| format!("{digest}: {e}"))? {
+            read += chunk.len() as u64;
+            bar.inc(chunk.len() as u64);
+        }
+        Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_references_like_docker_does() {
+        let parsed = ImageRef::parse("alpine").unwrap();
+        assert_eq!(
+            (
+                parsed.prefix.as_str(),
+                parsed.repository.as_str(),
+                parsed.reference.as_str()
+            ),
+            ("", "alpine", "latest")
+        );
+        let parsed = ImageRef::parse("ghcr.io/owner/app:v1").unwrap();
+        assert_eq!(
+            parsed.path("manifests", "v1"),
+            "/v2/ghcr.io/owner/app/manifests/v1"
+        );
+        let parsed = ImageRef::parse("localhost:5000/team/app").unwrap();
+        assert_eq!(
+            (parsed.prefix.as_str(), parsed.reference.as_str()),
+            ("localhost:5000/", "latest")
+        );
+        let parsed = ImageRef::parse("docker.io/library/redis@sha256:abc").unwrap();
+        assert_eq!(
+            (
+                parsed.prefix.as_str(),
+                parsed.repository.as_str(),
+                parsed.reference.as_str()
+            ),
+            ("", "library/redis", "sha256:abc")
+        );
+        assert!(ImageRef::parse("").is_err());
+    }
+}
