@@ -5,6 +5,7 @@
 //! [`upstream`]; all of them speak the protocol types of [`oci`].
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod cli;
 pub mod config;

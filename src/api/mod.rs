@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 pub use range::RangeAnswer;
 pub use route::Route;
 
+use crate::access::{Access, Decision, Identity};
 use crate::metrics::Metrics;
 use crate::mirror::{BlobSource, Follower, Manifest, Mirror, MirrorError, Target};
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
@@ -39,6 +40,8 @@ const IMMUTABLE: HeaderValue = HeaderValue::from_static("max-age=31536000");
 pub struct Api {
     mirror: Arc<Mirror>,
     metrics: Arc<Metrics>,
+    /// Client authentication and pull rules; `None` lets everyone pull.
+    access: Option<Arc<Access>>,
 }
 
 /// What a request was and how it was answered, for the request log line and metrics.
@@ -51,8 +54,21 @@ pub struct Outcome {
 }
 
 impl Api {
-    pub fn new(mirror: Arc<Mirror>, metrics: Arc<Metrics>) -> Self {
-        Self { mirror, metrics }
+    pub fn new(mirror: Arc<Mirror>, metrics: Arc<Metrics>, access: Option<Arc<Access>>) -> Self {
+        Self {
+            mirror,
+            metrics,
+            access,
+        }
+    }
+
+    /// Applies the pull rules to a resolved repository.
+    fn check_pull(&self, identity: &Identity, target: &Target) -> Result<(), MirrorError> {
+        let Some(access) = &self.access else {
+            return Ok(());
+        };
+        let qualified = format!("{}/{}", target.registry.upstream.name(), target.repo);
+        decision_to_result(access.may_pull(identity, &qualified), &qualified)
     }
 
     /// Counts what a body actually sends under `gantry_bytes_served_total{source}`.
@@ -68,7 +84,14 @@ impl Api {
             cache: "-",
             error: None,
         };
-        let mut response = match self.dispatch(&route, &request, &mut outcome).await {
+        let identity = match &self.access {
+            Some(access) => access.authenticate(request.headers()).await,
+            None => Identity::Anonymous,
+        };
+        let mut response = match self
+            .dispatch(&route, &request, &identity, &mut outcome)
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
                 outcome.error = Some(error.to_string());
@@ -80,6 +103,11 @@ impl Api {
                 response.headers_mut().insert("oci-namespace", value);
             }
         }
+        if let (Some(access), StatusCode::UNAUTHORIZED) = (&self.access, response.status()) {
+            response
+                .headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, access.challenge());
+        }
         response
             .headers_mut()
             .insert("docker-distribution-api-version", API_VERSION);
@@ -90,6 +118,7 @@ impl Api {
         &self,
         route: &Route,
         request: &Request<B>,
+        identity: &Identity,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, MirrorError> {
         let method = request.method();
@@ -107,11 +136,16 @@ impl Api {
         let query = request.uri().query();
         let ns = query_param(query, "ns");
         match route {
-            Route::Base => Ok(json_response(
-                StatusCode::OK,
-                Bytes::from_static(b"{}"),
-                head,
-            )),
+            Route::Base => {
+                if let Some(access) = &self.access {
+                    decision_to_result(access.may_enter(identity), "the registry API")?;
+                }
+                Ok(json_response(
+                    StatusCode::OK,
+                    Bytes::from_static(b"{}"),
+                    head,
+                ))
+            }
             Route::Upload => Err(OciError::new(
                 ErrorCode::Unsupported,
                 "pushing is not supported by a mirror",
@@ -124,6 +158,7 @@ impl Api {
             .into()),
             Route::Manifest { name, reference } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
+                self.check_pull(identity, &target)?;
                 let reference = Reference::parse(reference)?;
                 let accept = AcceptSet::from_headers(request.headers());
                 let manifest = self.mirror.manifest(&target, &reference, accept).await?;
@@ -137,6 +172,7 @@ impl Api {
             }
             Route::Blob { name, digest } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
+                self.check_pull(identity, &target)?;
                 let digest = Digest::parse(digest)?;
                 let source = self.mirror.blob(&target, &digest, head).await?;
                 let origin = match source {
@@ -152,6 +188,7 @@ impl Api {
             }
             Route::TagsList { name } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
+                self.check_pull(identity, &target)?;
                 let listing = self
                     .mirror
                     .listing(&target, "tags/list", query_without_ns(query).as_deref())
@@ -166,6 +203,7 @@ impl Api {
             }
             Route::Referrers { name, digest } => {
                 let target = self.mirror.resolve(ns.as_deref(), name)?;
+                self.check_pull(identity, &target)?;
                 let digest = Digest::parse(digest)?;
                 let listing = self
                     .mirror
@@ -184,6 +222,18 @@ impl Api {
                 ))
             }
             Route::NotFound => Ok(not_found()),
+        }
+    }
+}
+
+fn decision_to_result(decision: Decision, what: &str) -> Result<(), MirrorError> {
+    match decision {
+        Decision::Allow => Ok(()),
+        Decision::Authenticate => {
+            Err(OciError::new(ErrorCode::Unauthorized, "authentication required").into())
+        }
+        Decision::Deny => {
+            Err(OciError::new(ErrorCode::Denied, format!("access to {what} is denied")).into())
         }
     }
 }

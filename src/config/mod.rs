@@ -16,6 +16,10 @@ pub use values::{substitute_env, BaseUrl, ByteSize, ListenAddr, Seconds, Secret,
 pub struct Config {
     /// Client-facing address.
     pub listen: ListenAddr,
+    /// HTTPS on `listen` (HTTP/2 by ALPN); the files are read again on SIGHUP.
+    pub tls: Option<Tls>,
+    /// Client authentication and per-repository pull rules; everyone may pull when absent.
+    pub auth: Option<ClientAuth>,
     /// `/metrics`, `/healthz`, `/readyz`; `null` turns the admin listener off.
     pub admin_listen: Option<ListenAddr>,
     pub storage: Storage,
@@ -28,6 +32,45 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: Log,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// An htpasswd file with bcrypt entries (`htpasswd -B`).
+    pub htpasswd: PathBuf,
+    /// The realm named in `WWW-Authenticate: Basic realm=...`.
+    #[serde(default = "default_realm")]
+    pub realm: Text,
+    /// Let requests without credentials pull what the rules allow `anonymous`.
+    #[serde(default)]
+    pub anonymous_pull: bool,
+    /// First matching rule decides; with no rules every authenticated user may pull everything.
+    #[serde(default)]
+    pub rules: Vec<AccessRule>,
+}
+
+fn default_realm() -> Text {
+    Text("gantry".into())
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// Globs over `<registry>/<repository>` (e.g. `docker.io/library/*`, `ghcr.io/team/**`):
+    /// `*` stays within a path component, `**` crosses them.
+    pub repositories: Vec<Text>,
+    /// User names, `*` for any authenticated user, `anonymous` for requests without credentials.
+    pub users: Vec<Text>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -114,7 +157,7 @@ impl UpstreamAccess<'_> {
             || self.credential_helper.is_some()
     }
 
-    fn problems(&self, problems: &mut Vec<String>) {
+    fn problems(&self, problems: &mut Vec<String>, client_auth: bool) {
         let key = &self.key;
         if self.username.is_some() != self.password.is_some() {
             problems.push(format!(
@@ -137,10 +180,10 @@ impl UpstreamAccess<'_> {
                 self.url.origin()
             ));
         }
-        if self.has_credentials() && !self.public {
+        if self.has_credentials() && !self.public && !client_auth {
             problems.push(format!(
                 "{key}: gantry holds credentials for this upstream, so every client of the mirror could pull \
-                 what they can read (gantry has no client authentication yet); set `public: true` to accept that"
+                 what they can read: configure `auth:` (client authentication) or set `public: true` to accept that"
             ));
         }
         if let Some(path) = self.docker_config {
@@ -248,6 +291,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: ListenAddr(([0, 0, 0, 0], 5000).into()),
+            tls: None,
+            auth: None,
             admin_listen: Some(ListenAddr(([127, 0, 0, 1], 9090).into())),
             storage: Storage::default(),
             mirroring: Mirroring::default(),
@@ -380,7 +425,8 @@ impl Config {
                 "storage.max_size: must be more than 0 (leave it out for no limit)".to_owned(),
             );
         }
-        self.mirroring.access().problems(&mut problems);
+        let client_auth = self.auth.is_some();
+        self.mirroring.access().problems(&mut problems, client_auth);
         if let Some(redis) = &self.cache.redis {
             if !(redis.expose().starts_with("redis://") || redis.expose().starts_with("rediss://"))
             {
@@ -403,7 +449,29 @@ impl Config {
             if !hosts.insert(host.to_ascii_lowercase()) {
                 problems.push(format!("registries[{i}].host: `{host}` is listed twice"));
             }
-            registry.access(i).problems(&mut problems);
+            registry.access(i).problems(&mut problems, client_auth);
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if !path.is_file() {
+                    problems.push(format!("{key}: {} is not a readable file", path.display()));
+                }
+            }
+        }
+        if let Some(auth) = &self.auth {
+            if !auth.htpasswd.is_file() {
+                problems.push(format!(
+                    "auth.htpasswd: {} is not a readable file",
+                    auth.htpasswd.display()
+                ));
+            }
+            for (i, rule) in auth.rules.iter().enumerate() {
+                if rule.repositories.is_empty() || rule.users.is_empty() {
+                    problems.push(format!(
+                        "auth.rules[{i}]: needs at least one repository and one user"
+                    ));
+                }
+            }
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".to_owned());

@@ -3,6 +3,7 @@
 //! listener (`/metrics`, `/healthz`, `/readyz`).
 
 mod admin;
+mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::access::Access;
 use crate::api::{Api, ResponseBody};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -27,6 +29,7 @@ use crate::mirror::Mirror;
 use crate::store::{Store, StoreError};
 use crate::tags::{RedisTags, TagError, Tags};
 use crate::upstream::{Pool, Timeouts};
+use tls::TlsState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -40,6 +43,10 @@ pub enum StartError {
     },
     #[error("cache.redis: {0}")]
     Redis(#[from] TagError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
     #[error(transparent)]
     Credentials(#[from] crate::upstream::CredentialError),
     #[error("start-up task failed: {0}")]
@@ -119,19 +126,31 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         header_read: config.timeouts.header_read.0,
         grace: config.timeouts.shutdown.0,
     };
-    let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics));
+    let access = match &config.auth {
+        Some(auth) => Some(Arc::new(Access::load(auth)?)),
+        None => None,
+    };
+    let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access);
     let api_metrics = Arc::clone(&metrics);
     let handler = move |request: Request<Incoming>| {
         let api = api.clone();
         let metrics = Arc::clone(&api_metrics);
         async move { Ok::<_, Infallible>(logged(&api, &metrics, request).await) }
     };
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(TlsState::load(files)?)),
+        None => None,
+    };
     let mut tasks = vec![tokio::spawn(serve(
         listener,
         handler,
         limits,
+        tls.clone(),
         shutdown_rx.clone(),
     ))];
+    if let Some(tls) = tls {
+        tasks.push(tokio::spawn(reload_on_sighup(tls, shutdown_rx.clone())));
+    }
     if let Some(admin_listener) = admin_listener {
         let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics));
         let handler = move |request: Request<Incoming>| {
@@ -142,6 +161,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             admin_listener,
             handler,
             limits,
+            None,
             shutdown_rx,
         )));
     }
@@ -154,6 +174,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown,
         tasks,
     })
+}
+
+/// Re-reads the TLS certificate and key on every SIGHUP until shutdown.
+async fn reload_on_sighup(tls: Arc<TlsState>, mut shutdown: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: certificates will not be reloaded");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hangups.recv() => match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(error) => tracing::error!(%error, "SIGHUP: keeping the current certificate"),
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Runs gantry until `signal` completes, then shuts down gracefully.
@@ -219,6 +260,7 @@ async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     limits: ConnectionLimits,
+    tls: Option<Arc<TlsState>>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -258,13 +300,35 @@ async fn serve<H, F>(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service_fn(handler.clone()))
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let service = service_fn(handler.clone());
+        let Some(tls) = &tls else {
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                drop(permit);
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, bounded like reading headers.
+        let acceptor = tls.acceptor();
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            match tokio::time::timeout(limits.header_read, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let connection = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(error) = watcher.watch(connection).await {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                    }
+                }
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
             drop(permit);
         });

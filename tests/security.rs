@@ -1,0 +1,350 @@
+//! Safe on a hostile network: TLS on the client listener (HTTP/2 by ALPN, reload on SIGHUP),
+//! htpasswd client authentication with per-repository rules.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use common::{
+    file_digest, http_get, require_tools, skopeo_output, Fixture, Gantry, Options, ACCEPT_ALL,
+};
+use http::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// A CA and a server certificate it signed for localhost and 127.0.0.1: (ca.pem, cert.pem, key.pem).
+fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let path = |suffix: &str| dir.join(format!("{name}-{suffix}"));
+    let (ca, ca_key, cert, key, csr, ext) = (
+        path("ca.crt"),
+        path("ca.key"),
+        path("server.crt"),
+        path("server.key"),
+        path("server.csr"),
+        path("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: Vec<String>| {
+        let status = std::process::Command::new("openssl")
+            .args(&args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "openssl {}", args.join(" "));
+    };
+    let s = |p: &PathBuf| p.display().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ]
+    .map(str::to_owned);
+    let mut args: Vec<String> = ["req", "-x509", "-days", "2", "-subj"]
+        .map(str::to_owned)
+        .to_vec();
+    args.push(format!("/CN={name} test CA"));
+    args.extend(ec.clone());
+    args.extend(["-keyout".into(), s(&ca_key), "-out".into(), s(&ca)]);
+    openssl(args);
+    let mut args: Vec<String> = ["req", "-subj", "/CN=localhost"]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend(ec);
+    args.extend(["-keyout".into(), s(&key), "-out".into(), s(&csr)]);
+    openssl(args);
+    openssl(
+        [
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &s(&csr),
+            "-CA",
+            &s(&ca),
+            "-CAkey",
+            &s(&ca_key),
+            "-CAcreateserial",
+            "-out",
+            &s(&cert),
+            "-extfile",
+            &s(&ext),
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    );
+    (ca, cert, key)
+}
+
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<Bytes>,
+>;
+
+/// A client that trusts only `ca`.
+fn https_client(ca: &Path) -> HttpsClient {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_all_versions()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+async fn https_get(
+    client: &HttpsClient,
+    url: &str,
+    authorization: Option<&str>,
+) -> Result<(StatusCode, http::Version, http::HeaderMap), String> {
+    let mut builder = http::Request::get(url).header("accept", ACCEPT_ALL);
+    if let Some(authorization) = authorization {
+        builder = builder.header("authorization", authorization);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.request(builder.body(Empty::new()).unwrap()),
+    )
+    .await
+    .map_err(|_| "timeout".to_owned())?
+    .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = response.into_parts();
+    body.collect().await.map_err(|e| e.to_string())?;
+    Ok((parts.status, parts.version, parts.headers))
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+fn htpasswd(dir: &Path) -> PathBuf {
+    let path = dir.join("htpasswd");
+    let alice = bcrypt::hash("alice-pw", 5).unwrap();
+    let bob = bcrypt::hash("bob-pw", 5).unwrap();
+    std::fs::write(&path, format!("alice:{alice}\nbob:{bob}\n")).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_htpasswd_and_per_repository_rules() {
+    if !require_tools(&["docker-registry", "skopeo", "openssl"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate(certs.path(), "gantry");
+    let users = htpasswd(certs.path());
+    let extra = format!(
+        "tls:\n  cert: {}\n  key: {}\nauth:\n  htpasswd: {}\n  anonymous_pull: true\n  rules:\n    - repositories: [\"*/test/multi\"]\n      users: [alice, anonymous]\n    - repositories: [\"*/test/index\"]\n      users: [alice]\n",
+        cert.display(),
+        key.display(),
+        users.display()
+    );
+    let options = Options {
+        extra: &extra,
+        ..Options::default()
+    };
+    let gantry = Gantry::start_with(dir, &fixture.proxy.url(), options).await;
+    let base = format!(
+        "https://localhost:{}",
+        gantry.running.as_ref().unwrap().addr.port()
+    );
+    let client = https_client(&ca);
+
+    // The ping challenges anyone without credentials, so clients learn to send them.
+    let (status, version, headers) = https_get(&client, &format!("{base}/v2/"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, version),
+        (StatusCode::UNAUTHORIZED, http::Version::HTTP_2),
+        "h2 by ALPN"
+    );
+    assert_eq!(
+        headers.get("www-authenticate").unwrap(),
+        "Basic realm=\"gantry\""
+    );
+    let alice = basic("alice", "alice-pw");
+    assert_eq!(
+        https_get(&client, &format!("{base}/v2/"), Some(&alice))
+            .await
+            .unwrap()
+            .0,
+        StatusCode::OK
+    );
+    let multi = format!("{base}/v2/test/multi/manifests/v1");
+    let index = format!("{base}/v2/test/index/manifests/idx");
+    assert_eq!(
+        https_get(&client, &multi, None).await.unwrap().0,
+        StatusCode::OK,
+        "anonymous may pull test/multi"
+    );
+    let (status, _, headers) = https_get(&client, &index, None).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        headers.get("www-authenticate").unwrap(),
+        "Basic realm=\"gantry\""
+    );
+    let bob = basic("bob", "bob-pw");
+    let (status, _, _) = https_get(&client, &index, Some(&bob)).await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a known user without access is denied"
+    );
+    let wrong = basic("alice", "not-her-password");
+    assert_eq!(
+        https_get(&client, &index, Some(&wrong)).await.unwrap().0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        https_get(&client, &index, Some(&basic("alice", "alice-pw")))
+            .await
+            .unwrap()
+            .0,
+        StatusCode::OK
+    );
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = http_get(
+        &format!(
+            "http://127.0.0.1:{}/v2/",
+            gantry.running.as_ref().unwrap().addr.port()
+        ),
+        &[],
+    )
+    .await;
+    assert!(plain
+        .map(|reply| !reply.status.is_success())
+        .unwrap_or(true));
+
+    // skopeo over TLS with the CA and alice's credentials pulls the restricted image; bob cannot.
+    let cert_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&ca, cert_dir.path().join("ca.crt")).unwrap();
+    let cert_arg = format!("--src-cert-dir={}", cert_dir.path().display());
+    let reference = format!(
+        "docker://localhost:{}/test/index:idx",
+        gantry.running.as_ref().unwrap().addr.port()
+    );
+    let out = tempfile::tempdir().unwrap();
+    let target = format!("dir:{}", out.path().join("image").display());
+    let (ok, text) = skopeo_output(&[
+        "copy",
+        "--all",
+        &cert_arg,
+        "--src-creds=alice:alice-pw",
+        &reference,
+        &target,
+    ])
+    .await;
+    assert!(ok, "{text}");
+    assert_eq!(
+        file_digest(&out.path().join("image/manifest.json")),
+        fixture.index_digest
+    );
+    let denied_out = tempfile::tempdir().unwrap();
+    let denied_target = format!("dir:{}", denied_out.path().join("image").display());
+    let (ok, text) = skopeo_output(&[
+        "copy",
+        &cert_arg,
+        "--src-creds=bob:bob-pw",
+        &reference,
+        &denied_target,
+    ])
+    .await;
+    assert!(!ok, "bob must not pull test/index: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_without_dropping_connections() {
+    if !require_tools(&["openssl"]) {
+        return;
+    }
+    let upstream =
+        common::fake::Fake::start(|_| common::fake::Scripted::new(StatusCode::NOT_FOUND)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (first_ca, first_cert, first_key) = certificate(dir.path(), "first");
+    let (second_ca, second_cert, second_key) = certificate(dir.path(), "second");
+    let (live_cert, live_key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    std::fs::copy(&first_cert, &live_cert).unwrap();
+    std::fs::copy(&first_key, &live_key).unwrap();
+    let port = common::free_port();
+    let config = dir.path().join("gantry.yaml");
+    let extra = format!(
+        "tls:\n  cert: {}\n  key: {}\n",
+        live_cert.display(),
+        live_key.display()
+    );
+    std::fs::write(
+        &config,
+        common::config_yaml(
+            dir.path(),
+            &upstream.url(),
+            Options {
+                extra: &extra,
+                ..Options::default()
+            },
+        )
+        .replace("admin_listen: 127.0.0.1:0", "admin_listen: null")
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("https://localhost:{port}/v2/");
+    let trusts_first = https_client(&first_ca);
+    let trusts_second = https_client(&second_ca);
+    let up = common::wait_until(Duration::from_secs(20), || async {
+        https_get(&trusts_first, &url, None).await.is_ok()
+    })
+    .await;
+    assert!(up, "gantry serves the first certificate");
+    assert!(https_get(&trusts_second, &url, None).await.is_err());
+
+    std::fs::copy(&second_cert, &live_cert).unwrap();
+    std::fs::copy(&second_key, &live_key).unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let reloaded = common::wait_until(Duration::from_secs(10), || async {
+        https_get(&trusts_second, &url, None).await.is_ok()
+    })
+    .await;
+    assert!(reloaded, "new connections get the second certificate");
+    // The connection made before the reload (pooled by the first client) still works.
+    assert_eq!(
+        https_get(&trusts_first, &url, None).await.unwrap().0,
+        StatusCode::OK
+    );
+}
