@@ -269,6 +269,8 @@ pub struct Limits {
     pub max_manifest_size: ByteSize,
     /// Client connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Blob downloads from upstreams at once; more wait their turn (within `timeouts.download`).
+    pub max_downloads: usize,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -351,6 +353,7 @@ impl Default for Limits {
         Self {
             max_manifest_size: ByteSize(8 << 20),
             max_connections: 4096,
+            max_downloads: 64,
         }
     }
 }
@@ -472,6 +475,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.limits.max_downloads == 0 {
+            problems.push("limits.max_downloads: must be at least 1".to_owned());
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".to_owned());

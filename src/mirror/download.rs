@@ -124,10 +124,14 @@ impl Mirror {
         // Owned by the mirror through `flights`; ends when the download commits, fails or times out.
         tokio::spawn(async move {
             let limit = mirror.download_timeout;
-            let outcome = tokio::time::timeout(
-                limit,
-                mirror.download(&upstream, &repo, &digest, &progress_tx, Some(first_tx)),
-            )
+            let slots = Arc::clone(&mirror.download_slots);
+            let outcome = tokio::time::timeout(limit, async {
+                // Waiting for a slot counts against the download's time limit.
+                let _slot = slots.acquire_owned().await.map_err(|_| lost())?;
+                mirror
+                    .download(&upstream, &repo, &digest, &progress_tx, Some(first_tx))
+                    .await
+            })
             .await
             .unwrap_or_else(|_| {
                 Err(MirrorError::Unavailable {

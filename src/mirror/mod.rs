@@ -104,6 +104,8 @@ pub struct Mirror {
     metrics: Arc<Metrics>,
     max_manifest_size: usize,
     download_timeout: Duration,
+    /// Permits for upstream blob downloads (`limits.max_downloads`).
+    download_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Registry {
@@ -198,6 +200,7 @@ impl Mirror {
             max_manifest_size: usize::try_from(config.limits.max_manifest_size.0)
                 .unwrap_or(usize::MAX),
             download_timeout: config.timeouts.download.0,
+            download_slots: Arc::new(tokio::sync::Semaphore::new(config.limits.max_downloads)),
         })
     }
 

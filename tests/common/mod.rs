@@ -8,6 +8,7 @@
 //! A missing tool fails the test under CI (`CI` set) and skips it loudly otherwise.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod fake;
 pub mod images;
 pub mod redis;
