@@ -606,7 +606,10 @@ mod tests {
             Some("ghcr.io")
         );
         assert_eq!(query_param(Some("ns="), "ns"), None);
-        assert_eq!(query_param(Some("ns=other.example%3A5000"), "ns").as_deref(), Some("other.example:5000"));
+        assert_eq!(
+            query_param(Some("ns=other.example%3A5000"), "ns").as_deref(),
+            Some("other.example:5000")
+        );
         assert_eq!(query_param(Some("ns=%zz"), "ns"), None);
         assert_eq!(
             query_without_ns(Some("ns=x&n=2&last=a")).as_deref(),
