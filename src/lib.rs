@@ -9,6 +9,8 @@ pub mod access;
 pub mod api;
 pub mod cli;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

@@ -18,7 +18,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 
-pub use range::RangeAnswer;
+pub use range::{resolve as resolve_range, RangeAnswer};
 pub use route::Route;
 
 use crate::access::{Access, Decision, Identity};
