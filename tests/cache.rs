@@ -1,6 +1,6 @@
 //! The disk cache against the real upstream (and a scripted one for faults): one upstream fetch
 //! per blob under concurrency, warm pulls with no upstream, outages, corrupt and truncated
-//! upstream bodies, a crash mid-download, and LRU eviction.
+//! upstream bodies, and LRU eviction (crashes are in tests/faults.rs).
 
 mod common;
 
@@ -221,75 +221,6 @@ async fn a_client_leaving_does_not_cancel_the_download() {
     let again = http_get(&url, &[]).await.unwrap();
     assert_eq!(again.body, content);
     assert_eq!(upstream.seen().len(), 1, "one upstream fetch");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_mid_download_leaves_nothing_partial() {
-    let (content, digest) = test_blob(4 << 20);
-    let mode = Arc::new(AtomicU8::new(3));
-    let upstream = blob_upstream(content.clone(), Arc::clone(&mode)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let config = dir.path().join("gantry.yaml");
-    let port = common::free_port();
-    std::fs::write(
-        &config,
-        common::config_yaml(dir.path(), &upstream.url(), Options::default())
-            .replace("admin_listen: 127.0.0.1:0", "admin_listen: null")
-            .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}")),
-    )
-    .unwrap();
-    let start = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
-    let base = format!("http://127.0.0.1:{port}");
-    let up = |base: String| async move {
-        wait_until(Duration::from_secs(20), || {
-            let url = format!("{base}/v2/");
-            async move { http_get(&url, &[]).await.is_ok() }
-        })
-        .await
-    };
-    let mut first = start();
-    assert!(up(base.clone()).await);
-    let url = format!("{base}/v2/team/app/blobs/{digest}");
-    let stalled = tokio::spawn(http_get_owned(url.clone()));
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            !dir_is_empty(&store.join("tmp"))
-        })
-        .await,
-        "the download is in tmp/"
-    );
-    first.kill().await.unwrap(); // SIGKILL
-    assert!(
-        stalled.await.unwrap().is_err(),
-        "the client never sees a complete blob"
-    );
-
-    mode.store(0, Ordering::SeqCst);
-    let _second = start();
-    assert!(up(base.clone()).await);
-    assert!(
-        dir_is_empty(&store.join("tmp")),
-        "tmp/ is cleaned at start-up"
-    );
-    assert!(
-        !blob_path(&store, &digest).exists(),
-        "no partial blob was committed"
-    );
-    let good = http_get(&url, &[]).await.unwrap();
-    assert_eq!(good.status, StatusCode::OK);
-    assert_eq!(good.body, content);
-}
-
-async fn http_get_owned(url: String) -> Result<common::Reply, String> {
-    http_get(&url, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

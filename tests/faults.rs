@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::fake::{Ending, Fake, Scripted};
-use common::{free_port, http_get, wait_until, Gantry, Options};
+use common::process::GantryProcess;
+use common::{http_get, wait_until, Gantry, Options};
 use http::StatusCode;
 use sha2::Digest as _;
 
@@ -249,38 +250,11 @@ async fn sigkill_during_eight_downloads_loses_nothing_committed() {
     let upstream = blob_upstream(blobs.clone(), Arc::clone(&mode)).await;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let port = free_port();
-    let config = dir.path().join("gantry.yaml");
-    std::fs::write(
-        &config,
-        common::config_yaml(dir.path(), &upstream.url(), Options::default())
-            .replace("admin_listen: 127.0.0.1:0", "admin_listen: null")
-            .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}")),
-    )
-    .unwrap();
-    let start = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
-    let base = format!("http://127.0.0.1:{port}");
-    let up = || {
-        let base = base.clone();
-        async move {
-            wait_until(Duration::from_secs(20), || {
-                let url = format!("{base}/v2/");
-                async move { http_get(&url, &[]).await.is_ok() }
-            })
-            .await
-        }
-    };
-    let url = |digest: &str| format!("{base}/v2/team/app/blobs/{digest}");
+    let mut gantry = GantryProcess::configure(dir.path(), &upstream.url(), Options::default());
+    let base = gantry.url("/v2/team/app/blobs");
+    let url = |digest: &str| format!("{base}/{digest}");
 
-    let mut first = start();
-    assert!(up().await);
+    gantry.start().await;
     // One blob is committed before the crash; eight are mid-download when it comes.
     let (committed, committed_digest) = &blobs[8];
     assert_eq!(
@@ -305,7 +279,7 @@ async fn sigkill_during_eight_downloads_loses_nothing_committed() {
         .await,
         "eight downloads in tmp/"
     );
-    first.kill().await.unwrap();
+    gantry.kill().await;
     for request in in_flight {
         assert!(
             request.await.unwrap().is_err(),
@@ -314,8 +288,7 @@ async fn sigkill_during_eight_downloads_loses_nothing_committed() {
     }
 
     mode.store(0, Ordering::SeqCst);
-    let _second = start();
-    assert!(up().await);
+    gantry.start().await;
     assert!(dir_is_empty(&tmp), "tmp/ is cleaned at start-up");
     for (_, digest) in &blobs[..8] {
         assert!(

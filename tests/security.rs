@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use common::process::GantryProcess;
 use common::{
     file_digest, http_get, require_tools, skopeo_output, Fixture, Gantry, Options, ACCEPT_ALL,
 };
@@ -292,33 +293,18 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     let (live_cert, live_key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
     std::fs::copy(&first_cert, &live_cert).unwrap();
     std::fs::copy(&first_key, &live_key).unwrap();
-    let port = common::free_port();
-    let config = dir.path().join("gantry.yaml");
     let extra = format!(
         "tls:\n  cert: {}\n  key: {}\n",
         live_cert.display(),
         live_key.display()
     );
-    std::fs::write(
-        &config,
-        common::config_yaml(
-            dir.path(),
-            &upstream.url(),
-            Options {
-                extra: &extra,
-                ..Options::default()
-            },
-        )
-        .replace("admin_listen: 127.0.0.1:0", "admin_listen: null")
-        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}")),
-    )
-    .unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let options = Options {
+        extra: &extra,
+        ..Options::default()
+    };
+    let mut gantry = GantryProcess::configure(dir.path(), &upstream.url(), options);
+    gantry.spawn();
+    let port = gantry.port;
     let url = format!("https://localhost:{port}/v2/");
     let trusts_first = https_client(&first_ca);
     let trusts_second = https_client(&second_ca);
@@ -331,12 +317,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
 
     std::fs::copy(&second_cert, &live_cert).unwrap();
     std::fs::copy(&second_key, &live_key).unwrap();
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    gantry.signal("HUP");
     let reloaded = common::wait_until(Duration::from_secs(10), || async {
         https_get(&trusts_second, &url, None).await.is_ok()
     })

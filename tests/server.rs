@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::fake::{Fake, Scripted};
-use common::{free_port, http_get, wait_until, Gantry, Options};
+use common::process::GantryProcess;
+use common::{http_get, Gantry, Options};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use sha2::Digest as _;
@@ -32,40 +33,15 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = dir.path().join("gantry.yaml");
-    std::fs::write(
-        &config,
-        common::config_yaml(dir.path(), &upstream.url(), Options::default())
-            .replace("admin_listen: 127.0.0.1:0", "admin_listen: null")
-            .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}")),
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let up = wait_until(Duration::from_secs(20), || {
-        let url = format!("{base}/v2/");
-        async move { http_get(&url, &[]).await.is_ok() }
-    })
-    .await;
-    assert!(up);
+    let mut gantry = GantryProcess::configure(dir.path(), &upstream.url(), Options::default());
+    gantry.start().await;
 
     // A download that takes ~1.6 s is in flight when SIGTERM arrives.
-    let url = format!("{base}/v2/team/app/blobs/{digest}");
+    let url = gantry.url(&format!("/v2/team/app/blobs/{digest}"));
     let in_flight = tokio::spawn(async move { http_get(&url, &[]).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = child.id().unwrap().to_string();
     let signalled = Instant::now();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    gantry.signal("TERM");
 
     let reply = in_flight
         .await
@@ -73,17 +49,14 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
         .expect("the in-flight request completes");
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(&reply.body[..], &content[..]);
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("gantry exits")
-        .unwrap();
+    let status = gantry.wait(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
     assert!(
         signalled.elapsed() < Duration::from_secs(8),
         "within the shutdown deadline"
     );
     // New connections are refused once it has stopped.
-    assert!(http_get(&format!("{base}/v2/"), &[]).await.is_err());
+    assert!(http_get(&gantry.url("/v2/"), &[]).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

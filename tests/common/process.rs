@@ -1,0 +1,90 @@
+//! gantry as a separate process, for what only a process can show: signals (SIGTERM, SIGHUP) and
+//! crashes (SIGKILL). It listens on a fixed free port so a restart comes back at the same address.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::{config_yaml, free_port, http_get, wait_until, Options};
+
+pub struct GantryProcess {
+    pub port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl GantryProcess {
+    /// Writes the harness config (admin listener off) into `dir`; `start` runs it.
+    pub fn configure(dir: &Path, upstream_url: &str, options: Options<'_>) -> Self {
+        let port = free_port();
+        let config = dir.join("gantry.yaml");
+        let yaml = config_yaml(dir, upstream_url, options)
+            .replace("admin_listen: 127.0.0.1:0", "admin_listen: null")
+            .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+        std::fs::write(&config, yaml).unwrap();
+        Self {
+            port,
+            config,
+            child: None,
+        }
+    }
+
+    /// Starts (or restarts) the process; does not wait for it to serve.
+    pub fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_gantry"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the gantry binary runs");
+        self.child = Some(child);
+    }
+
+    /// Starts the process and waits until it answers plain HTTP.
+    pub async fn start(&mut self) {
+        self.spawn();
+        let url = self.url("/v2/");
+        let up = wait_until(Duration::from_secs(20), || {
+            let url = url.clone();
+            async move { http_get(&url, &[]).await.is_ok() }
+        })
+        .await;
+        assert!(up, "gantry did not start serving on port {}", self.port);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`...).
+    pub fn signal(&self, name: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("running")
+            .to_string();
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid)
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{name}");
+    }
+
+    /// SIGKILL: a crash, no shutdown at all.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    pub async fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        tokio::time::timeout(limit, child.wait())
+            .await
+            .expect("gantry exits in time")
+            .unwrap()
+    }
+}
