@@ -81,3 +81,76 @@ async fn h2c_with_prior_knowledge_is_served() {
         b"{}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_line_per_request_and_no_secrets() {
+    const PASSWORD: &str = "pa55-never-logged";
+    const TOKEN: &str = "tok-never-logged";
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let upstream = Fake::start(move |seen| {
+        if seen.uri.starts_with("/token") {
+            return Scripted::json(StatusCode::OK, serde_json::json!({"token": TOKEN}));
+        }
+        if seen.authorization().as_deref() != Some(&format!("Bearer {TOKEN}")) {
+            let realm = format!(
+                "http://{}/token",
+                seen.headers.get("host").unwrap().to_str().unwrap()
+            );
+            return Scripted::new(StatusCode::UNAUTHORIZED).header(
+                "www-authenticate",
+                &format!(r#"Bearer realm="{realm}",service="fake""#),
+            );
+        }
+        Scripted::new(StatusCode::OK)
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(&manifest[..])
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mirroring = format!("  username: mirror\n  password: {PASSWORD}\n  public: true");
+    let options = Options {
+        mirroring: &mirroring,
+        extra: "log:\n  level: debug\n  format: json\n",
+        ..Options::default()
+    };
+    let mut gantry = GantryProcess::configure(dir.path(), &upstream.url(), options);
+    gantry.start().await;
+    let reply = http_get(&gantry.url("/v2/team/app/manifests/v1"), &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    let missing = http_get(&gantry.url("/v2/Bad/manifests/v1"), &[])
+        .await
+        .unwrap();
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    gantry.signal("TERM");
+    gantry.wait(Duration::from_secs(10)).await;
+
+    let log = gantry.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let requests: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["message"] == "request").collect();
+    assert_eq!(
+        requests.len(),
+        3,
+        "one line per request (/v2/ ping, manifest, bad name): {log}"
+    );
+    let manifest_line = requests
+        .iter()
+        .find(|l| l["route"] == "manifest" && l["status"] == 200)
+        .unwrap();
+    assert_eq!(manifest_line["path"], "/v2/team/app/manifests/v1");
+    assert_eq!(manifest_line["cache"], "miss");
+    assert!(manifest_line["ms"].as_f64().is_some());
+    assert_eq!(manifest_line["bytes"], manifest.len().to_string());
+    let bad_line = requests.iter().find(|l| l["status"] == 400).unwrap();
+    assert!(bad_line["error"].as_str().unwrap().contains("NAME_INVALID"));
+    assert!(
+        !log.contains(PASSWORD),
+        "the upstream password is never logged"
+    );
+    assert!(!log.contains(TOKEN), "upstream tokens are never logged");
+}

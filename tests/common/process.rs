@@ -12,6 +12,8 @@ use super::{config_yaml, free_port, http_get, wait_until, Options};
 pub struct GantryProcess {
     pub port: u16,
     config: PathBuf,
+    /// stdout and stderr of every run, appended.
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -27,15 +29,23 @@ impl GantryProcess {
         Self {
             port,
             config,
+            log: dir.join("gantry.log"),
             child: None,
         }
     }
 
     /// Starts (or restarts) the process; does not wait for it to serve.
     pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_gantry"))
             .args(["serve", "--config"])
             .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .expect("the gantry binary runs");
@@ -51,7 +61,17 @@ impl GantryProcess {
             async move { http_get(&url, &[]).await.is_ok() }
         })
         .await;
-        assert!(up, "gantry did not start serving on port {}", self.port);
+        assert!(
+            up,
+            "gantry did not start serving on port {}:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn url(&self, path: &str) -> String {
