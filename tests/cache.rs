@@ -65,6 +65,13 @@ async fn eight_concurrent_cold_pulls_fetch_each_blob_once() {
         fixture.multi.blobs().len(),
         "no other blob was fetched: {gets:?}"
     );
+    // The tag was resolved upstream once for all eight clients.
+    assert_eq!(
+        fixture.proxy.count(&http::Method::GET, "/manifests/v1"),
+        1,
+        "{:?}",
+        fixture.proxy.seen()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,49 @@ async fn inside_the_ttl_a_thousand_tag_requests_make_no_upstream_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_and_revalidations_reach_the_upstream_once() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let gantry = Gantry::start_with(
+        tempfile::tempdir().unwrap(),
+        &fixture.proxy.url(),
+        short_ttl(),
+    )
+    .await;
+    let burst = || {
+        futures_util::future::join_all(
+            (0..20).map(|_| get_tag(&gantry, "test/multi:v1", ACCEPT_ALL)),
+        )
+    };
+    for reply in burst().await {
+        assert_eq!(
+            reply.header("docker-content-digest"),
+            Some(fixture.multi.manifest_digest.as_str())
+        );
+    }
+    assert_eq!(
+        fixture.proxy.count(&Method::GET, "/manifests/v1"),
+        1,
+        "{:?}",
+        fixture.proxy.seen()
+    );
+    past_the_ttl().await;
+    fixture.proxy.clear();
+    for reply in burst().await {
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(
+        fixture.proxy.count(&Method::HEAD, "/manifests/v1"),
+        1,
+        "{:?}",
+        fixture.proxy.seen()
+    );
+    assert_eq!(fixture.proxy.count(&Method::GET, "/manifests/v1"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_ttl_a_head_revalidates_and_a_retag_is_served() {
     if !require_tools(&["docker-registry", "skopeo"]) {
         return;

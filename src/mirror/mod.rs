@@ -99,6 +99,9 @@ pub struct Mirror {
     by_host: HashMap<String, Arc<Registry>>,
     any_registry: Option<AnyRegistry>,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
+    /// Tag fetches and revalidations in progress, by tag key.
+    tag_refreshes:
+        Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<Manifest, MirrorError>>>>>,
     /// Tag lists and referrers, with when they were fetched; fresh for the registry's tag TTL.
     listings: moka::future::Cache<String, (Instant, Passthrough)>,
     metrics: Arc<Metrics>,
@@ -192,6 +195,7 @@ impl Mirror {
                 seen: Mutex::new(HashMap::new()),
             }),
             flights: Mutex::new(HashMap::new()),
+            tag_refreshes: Mutex::new(HashMap::new()),
             listings: moka::future::Cache::builder()
                 .max_capacity(MAX_LISTINGS)
                 .time_to_live(crate::tags::RETENTION)
@@ -335,6 +339,41 @@ impl Mirror {
                 .map(|manifest| (entry, manifest)),
             None => None,
         };
+        if let Some((entry, manifest)) = &cached {
+            if entry.age() < target.registry.tags_ttl {
+                self.metrics.cache_lookup("tag", "hit");
+                return Ok(manifest.clone());
+            }
+        }
+        // The slow path runs once per tag key at a time; concurrent requests share its answer, so
+        // a burst of cold pulls costs the upstream (and a Docker Hub rate limit) one request.
+        let cell = {
+            let mut refreshes = self.tag_refreshes.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(refreshes.entry(key.clone()).or_default())
+        };
+        let answer = cell
+            .get_or_init(|| self.refresh_tag(target, tag, accept, &key, cached))
+            .await
+            .clone();
+        let mut refreshes = self.tag_refreshes.lock().unwrap_or_else(|e| e.into_inner());
+        if refreshes
+            .get(&key)
+            .is_some_and(|current| Arc::ptr_eq(current, &cell))
+        {
+            refreshes.remove(&key);
+        }
+        answer
+    }
+
+    /// A tag that is not cached, or cached past its TTL: fetch it, or revalidate it with a HEAD.
+    async fn refresh_tag(
+        &self,
+        target: &Target,
+        tag: &str,
+        accept: AcceptSet,
+        key: &str,
+        cached: Option<(TagEntry, Manifest)>,
+    ) -> Result<Manifest, MirrorError> {
         let Some((entry, manifest)) = cached else {
             self.metrics.cache_lookup("tag", "miss");
             return match self.fetch_manifest(target, tag, accept).await {
@@ -351,10 +390,6 @@ impl Mirror {
                 Err(error) => Err(error),
             };
         };
-        if entry.age() < target.registry.tags_ttl {
-            self.metrics.cache_lookup("tag", "hit");
-            return Ok(manifest);
-        }
         // Past the TTL: a HEAD (free against Docker Hub's pull limit) tells whether the tag moved.
         match self.head_manifest(target, tag, accept).await {
             Ok(Some(current)) if current == manifest.digest => {
