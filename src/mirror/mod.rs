@@ -34,6 +34,9 @@ const MAX_ERROR_BODY: usize = 64 << 10;
 /// Tag lists and referrers indexes are passed through whole, so they are capped.
 const MAX_LISTING: usize = 4 << 20;
 
+/// One tag fetch or revalidation, awaited by every request for that tag meanwhile.
+type TagRefresh = tokio::sync::OnceCell<Result<Manifest, MirrorError>>;
+
 /// Registries created on demand under `allow_any_registry`, at most.
 const MAX_ANY_REGISTRIES: usize = 1_000;
 /// Cached tag lists and referrers indexes (each at most `MAX_LISTING` bytes, most far smaller).
@@ -100,8 +103,7 @@ pub struct Mirror {
     any_registry: Option<AnyRegistry>,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
     /// Tag fetches and revalidations in progress, by tag key.
-    tag_refreshes:
-        Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<Manifest, MirrorError>>>>>,
+    tag_refreshes: Mutex<HashMap<String, Arc<TagRefresh>>>,
     /// Tag lists and referrers, with when they were fetched; fresh for the registry's tag TTL.
     listings: moka::future::Cache<String, (Instant, Passthrough)>,
     metrics: Arc<Metrics>,
