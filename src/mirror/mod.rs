@@ -380,7 +380,7 @@ impl Mirror {
             self.metrics.cache_lookup("tag", "miss");
             return match self.fetch_manifest(target, tag, accept).await {
                 Ok(manifest) => {
-                    self.remember_tag(target, tag, &key, &manifest).await;
+                    self.remember_tag(target, tag, key, &manifest).await;
                     Ok(manifest)
                 }
                 Err(error) if serves_stale(&error) => {
@@ -400,7 +400,7 @@ impl Mirror {
                     .with_label_values(&["unchanged"])
                     .inc();
                 self.metrics.cache_lookup("tag", "hit");
-                self.tags.put(&key, &entry.confirmed_now()).await;
+                self.tags.put(key, &entry.confirmed_now()).await;
                 Ok(manifest)
             }
             Ok(_) => {
@@ -412,7 +412,7 @@ impl Mirror {
                 let fresh = self.fetch_manifest(target, tag, accept).await;
                 match fresh {
                     Ok(fresh) => {
-                        self.remember_tag(target, tag, &key, &fresh).await;
+                        self.remember_tag(target, tag, key, &fresh).await;
                         Ok(fresh)
                     }
                     Err(error) if serves_stale(&error) => Ok(self.stale(manifest, &error)),
