@@ -15,11 +15,12 @@ mod common;
 use std::time::Instant;
 
 use common::clients::{
-    assert_second_pull_from_cache, blob_hits, dockerd_has_containerd_store, has_repo_digest,
-    host_arch, registries_conf, skopeo_with_registries_conf, upstream_context, Containerd, Dockerd,
-    Hub, ImageStore, Podman, Run, Trap,
+    assert_second_pull_from_cache, basic_auth, blob_hits, dockerd_has_containerd_store,
+    gantry_on_ipv6_loopback, has_repo_digest, host_arch, https_get, private_mounts,
+    registries_conf, skopeo_with_registries_conf, test_certificate, upstream_context, Containerd,
+    Dockerd, DockerdSetup, Hub, ImageStore, Podman, Run, Trap,
 };
-use common::{file_digest, require_tools, Gantry, Options};
+use common::{file_digest, require_tools, Fixture, Gantry, Options};
 
 const DOCKER_TOOLS: &[&str] = &[
     "docker-registry",
@@ -215,6 +216,204 @@ async fn dockerd_pulls_by_digest() {
     .await;
     trap.assert_untouched(&dockerd.logs());
     done("dockerd by digest", started);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dockerd + docker login: gantry as an HTTPS registry with htpasswd users
+
+/// What gantry asked the fixture's upstream, one request a line.
+fn fixture_seen(fixture: &Fixture) -> String {
+    let lines: Vec<String> = fixture
+        .proxy
+        .seen()
+        .iter()
+        .map(|s| format!("  {} {}", s.method, s.path))
+        .collect();
+    format!("requests gantry sent upstream:\n{}", lines.join("\n"))
+}
+
+/// Whether a failed command's output mentions one of `words` (case-insensitive).
+fn mentions(out: &Run, words: &[&str]) -> bool {
+    let text = format!("{}\n{}", out.stdout, out.stderr).to_lowercase();
+    words.iter().any(|word| text.contains(word))
+}
+
+/// gantry serves HTTPS with a certificate from a test CA and requires htpasswd users; a real
+/// dockerd trusts the CA through `/etc/docker/certs.d/localhost:PORT/ca.crt` in its own mount
+/// namespace (its `/etc/docker` is a temp dir; the real one is never touched).
+///
+/// The daemon resolves `localhost` to `::1` only, where gantry listens: dockerd always treats
+/// registries in 127.0.0.0/8 as insecure (no certificate check, certs.d ignored), so on
+/// 127.0.0.1 the CA would not be exercised at all. The first login, before the CA is trusted,
+/// proves the certificate is checked.
+///
+/// Then: `docker login -u alice --password-stdin` succeeds and lands in the CLI's own
+/// DOCKER_CONFIG; `docker pull localhost:PORT/test/multi:v1` gets the upstream's digest; a wrong
+/// password fails `docker login`; bob (a valid user that no rule for `test/index` names) is
+/// denied `test/index`: the CLI says so, gantry answers 403 DENIED, and nothing of `test/index`
+/// was asked upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_login_and_pull_over_tls_with_htpasswd() {
+    let mut tools = DOCKER_TOOLS.to_vec();
+    tools.push("openssl");
+    if !require_tools(&tools) {
+        return;
+    }
+    if !private_mounts() {
+        let message = "dockerd needs a private mount namespace (`unshare --mount`) to trust the \
+                       test CA without writing the real /etc/docker";
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("SKIPPED: {message}");
+        return;
+    }
+    let started = Instant::now();
+    let fixture = Fixture::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificate(secrets.path());
+    let htpasswd = secrets.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!(
+            "alice:{}\nbob:{}\n",
+            bcrypt::hash("alice-pw", 5).unwrap(),
+            bcrypt::hash("bob-pw", 5).unwrap()
+        ),
+    )
+    .unwrap();
+    let extra = format!(
+        "tls:\n  cert: {}\n  key: {}\nauth:\n  htpasswd: {}\n  rules:\n    - repositories: [\"*/test/multi\"]\n      users: [alice]\n    - repositories: [\"*/test/index\"]\n      users: [alice]\n",
+        cert.display(),
+        key.display(),
+        htpasswd.display()
+    );
+    let gantry = gantry_on_ipv6_loopback(
+        &fixture.proxy.url(),
+        Options {
+            extra: &extra,
+            ..Options::default()
+        },
+    )
+    .await;
+    let port = gantry.running.as_ref().unwrap().addr.port();
+    // What docker is told (login, certs.d, pull), and the same server for direct requests.
+    let registry = format!("localhost:{port}");
+    let direct = format!("https://[::1]:{port}");
+    let trap = Trap::start().await;
+    let dockerd = Dockerd::start_with(
+        &trap,
+        DockerdSetup {
+            own_etc_docker: true,
+            hosts: Some("::1 localhost\n"),
+            ..DockerdSetup::default()
+        },
+    )
+    .await;
+    let context = |out: &Run| {
+        format!(
+            "{}\n{}\n{}\n{}",
+            out.text(),
+            trap.describe(),
+            fixture_seen(&fixture),
+            dockerd.logs()
+        )
+    };
+
+    // Not trusted yet: the certificate is checked (dockerd does not take gantry as insecure).
+    let out = dockerd.login(&registry, "alice", "alice-pw").await;
+    assert!(
+        !out.ok && mentions(&out, &["x509", "certificate"]),
+        "before the CA is in certs.d, login must fail on gantry's certificate\n{}",
+        context(&out)
+    );
+
+    dockerd.trust_ca(&registry, &ca);
+    let out = dockerd.login(&registry, "alice", "alice-pw").await;
+    assert!(out.ok, "docker login as alice\n{}", context(&out));
+    let cli_config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dockerd.cli_config_dir().join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        cli_config["auths"][&registry].is_object(),
+        "docker login stores alice's credentials in the CLI's own DOCKER_CONFIG: {cli_config}"
+    );
+
+    let reference = format!("{registry}/test/multi:v1");
+    let out = dockerd.docker(&["pull", &reference]).await;
+    assert!(out.ok, "docker pull {reference}\n{}", context(&out));
+    let image = dockerd.inspect(&reference).await;
+    let repo_digest = format!("{registry}/test/multi@{}", fixture.multi.manifest_digest);
+    assert!(
+        image["RepoDigests"]
+            .as_array()
+            .is_some_and(|list| list.iter().any(|entry| entry == repo_digest.as_str())),
+        "RepoDigests {} should hold {repo_digest}\n{}",
+        image["RepoDigests"],
+        context(&out)
+    );
+    assert_eq!(image["Id"], fixture.multi.config_digest.as_str());
+    let gets = fixture.proxy.blob_gets();
+    for blob in fixture.multi.blobs() {
+        assert_eq!(
+            gets.get(&blob),
+            Some(&1),
+            "one upstream GET for {blob}\n{}",
+            context(&out)
+        );
+    }
+
+    let out = dockerd.login(&registry, "alice", "not-her-password").await;
+    assert!(
+        !out.ok && mentions(&out, &["unauthorized", "401"]),
+        "docker login with a wrong password must fail as unauthorized\n{}",
+        context(&out)
+    );
+
+    // bob is a valid user (login pings /v2/ with his credentials) but no rule for test/index
+    // names him.
+    let out = dockerd.login(&registry, "bob", "bob-pw").await;
+    assert!(out.ok, "docker login as bob\n{}", context(&out));
+    let denied = format!("{registry}/test/index:idx");
+    let out = dockerd.docker(&["pull", &denied]).await;
+    assert!(
+        !out.ok && mentions(&out, &["denied", "unauthorized"]),
+        "bob's pull of {denied} must be denied\n{}",
+        context(&out)
+    );
+    let upstream_index: Vec<String> = fixture
+        .proxy
+        .seen()
+        .iter()
+        .filter(|s| s.path.contains("test/index"))
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
+    assert!(
+        upstream_index.is_empty(),
+        "a denied pull must not reach the upstream: {upstream_index:?}\n{}",
+        context(&out)
+    );
+    let manifest = format!("{direct}/v2/test/index/manifests/idx");
+    let reply = https_get(&ca, &manifest, Some(&basic_auth("bob", "bob-pw")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.status.as_u16(), reply.error_code().as_deref()),
+        (403, Some("DENIED")),
+        "GET {manifest} as bob: {reply:?}"
+    );
+    // The repository is there for alice: bob was refused access, not told it is missing.
+    let reply = https_get(&ca, &manifest, Some(&basic_auth("alice", "alice-pw")))
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.status.as_u16(),
+        200,
+        "GET {manifest} as alice: {reply:?}"
+    );
+    trap.assert_untouched(&dockerd.logs());
+    done("dockerd login + pull over TLS with htpasswd", started);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ impl Api {
             return Ok(());
         };
         let qualified = format!("{}/{}", target.registry.upstream.name(), target.repo);
-        decision_to_result(access.may_pull(identity, &qualified), &qualified)
+        // The message names the repository as the client asked for it, not the upstream behind it.
+        decision_to_result(access.may_pull(identity, &qualified), "this repository")
     }
 
     /// Counts what a body actually sends under `gantry_bytes_served_total{source}`.

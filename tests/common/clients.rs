@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
-use super::{CountingProxy, Gantry, Image, Layout, Registry};
+use super::{CountingProxy, Gantry, Image, Layout, Options, Registry};
 
 /// How long one client command (a pull, an inspect) may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
@@ -212,6 +212,157 @@ pub fn has_repo_digest(repo_digests: &Value, digest: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// gantry over TLS
+
+/// gantry as [`Gantry::start_with`] starts it, but listening on `[::1]` (ephemeral port).
+///
+/// dockerd treats every registry whose host resolves into 127.0.0.0/8 as insecure, whatever its
+/// configuration says (that range is always added to `insecure-registries`): it then skips
+/// certificate verification and never reads `certs.d`. A daemon that resolves `localhost` to
+/// `::1` only (its own `/etc/hosts`, [`DockerdSetup::hosts`]) treats `localhost:PORT` as a
+/// secure registry and verifies gantry's certificate against the CA in `certs.d`.
+pub async fn gantry_on_ipv6_loopback(upstream_url: &str, options: Options<'_>) -> Gantry {
+    super::init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = super::config_yaml(dir.path(), upstream_url, options);
+    let rest = yaml
+        .strip_prefix("listen: 127.0.0.1:0\n")
+        .unwrap_or_else(|| panic!("the harness config starts with its listen address:\n{yaml}"));
+    let yaml = format!("listen: \"[::1]:0\"\n{rest}");
+    let config = gantry::config::Config::from_yaml(&yaml, Path::new("test.yaml"))
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let running = gantry::server::start(config).await.expect("gantry starts");
+    Gantry {
+        running: Some(running),
+        dir,
+    }
+}
+
+/// A test CA and a server certificate it signed for `localhost`, `127.0.0.1` and `::1` (EC
+/// P-256, valid 2 days), made with openssl in `dir`: (ca.crt, server.crt, server.key).
+pub fn test_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let path = |name: &str| dir.join(name);
+    let (ca, ca_key, cert, key, csr, ext) = (
+        path("ca.crt"),
+        path("ca.key"),
+        path("server.crt"),
+        path("server.key"),
+        path("server.csr"),
+        path("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:0:0:0:0:0:0:0:1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "openssl {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let s = |p: &PathBuf| p.display().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509", "-days", "2", "-subj", "/CN=gantry test CA"];
+    args.extend(ec);
+    let (ca_key_s, ca_s) = (s(&ca_key), s(&ca));
+    args.extend(["-keyout", &ca_key_s, "-out", &ca_s]);
+    openssl(&args);
+    let mut args = vec!["req", "-subj", "/CN=localhost"];
+    args.extend(ec);
+    let (key_s, csr_s) = (s(&key), s(&csr));
+    args.extend(["-keyout", &key_s, "-out", &csr_s]);
+    openssl(&args);
+    let (cert_s, ext_s) = (s(&cert), s(&ext));
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        &csr_s,
+        "-CA",
+        &ca_s,
+        "-CAkey",
+        &ca_key_s,
+        "-CAcreateserial",
+        "-out",
+        &cert_s,
+        "-extfile",
+        &ext_s,
+    ]);
+    (ca, cert, key)
+}
+
+/// `Authorization: Basic …`
+pub fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// One HTTPS GET (any manifest type accepted) with a client that trusts only `ca`.
+pub async fn https_get(
+    ca: &Path,
+    url: &str,
+    authorization: Option<&str>,
+) -> Result<super::Reply, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_all_versions()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+    let mut request = http::Request::get(url).header("accept", super::ACCEPT_ALL);
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let request = request
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = response.into_parts();
+    use http_body_util::BodyExt as _;
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(super::Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // The trap: where clients' non-loopback registry traffic goes
 
 /// A local HTTP proxy that refuses everything and records the first line of each request
@@ -329,15 +480,32 @@ impl Run {
 }
 
 /// Runs `command` to completion within `limit` (killed when it overruns or the test unwinds).
-pub async fn run(mut command: Command, limit: Duration) -> Run {
+pub async fn run(command: Command, limit: Duration) -> Run {
+    run_with_input(command, None, limit).await
+}
+
+/// [`run`] with `input` written to the command's stdin (then closed); `None`: stdin is null.
+pub async fn run_with_input(mut command: Command, input: Option<&[u8]>, limit: Duration) -> Run {
     let line = describe(&command);
     command
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let started = Instant::now();
-    match tokio::time::timeout(limit, command.output()).await {
+    let finished = async {
+        let mut child = command.spawn()?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // A command that exits without reading its stdin is reported by its status.
+            let _ = stdin.write_all(input).await;
+        }
+        child.wait_with_output().await
+    };
+    match tokio::time::timeout(limit, finished).await {
         Ok(Ok(output)) => Run {
             ok: output.status.success(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -426,8 +594,16 @@ impl Drop for Daemon {
 /// `$0` of the sandbox script, to find where the real command starts.
 const SANDBOX_NAME: &str = "gantry-test-sandbox";
 
-/// Empty tmpfs over the default global paths of the clients, in a private mount namespace; then
-/// the command. `-n`: do not write /run/mount/utab.
+/// Environment variable: a directory the sandbox bind-mounts over `/etc/docker` (dockerd's
+/// `certs.d/<host:port>/ca.crt`), so that a daemon trusts a test CA without the real
+/// `/etc/docker` being touched. Without `/etc/docker`, `/etc` gets a copy-on-write overlay (its
+/// upper layer in the sandbox's `/run` tmpfs) to hold the mount point.
+const SANDBOX_ETC_DOCKER: &str = "GANTRY_TEST_ETC_DOCKER";
+/// Environment variable: a file the sandbox bind-mounts over `/etc/hosts`.
+const SANDBOX_HOSTS: &str = "GANTRY_TEST_HOSTS";
+
+/// Empty tmpfs over the default global paths of the clients, in a private mount namespace; the
+/// optional mounts above; then the command. `-n`: do not write /run/mount/utab.
 const SANDBOX_SCRIPT: &str = r#"set -e
 mount -n -t tmpfs -o mode=0755 gantry-test /run
 if [ -d /opt ]; then mount -n -t tmpfs -o mode=0755 gantry-test /opt; fi
@@ -436,10 +612,20 @@ if [ -d /var/lib/containers ]; then
 else
   mount -n -t tmpfs -o mode=0755 gantry-test /var/lib
 fi
+if [ -n "${GANTRY_TEST_ETC_DOCKER:-}" ]; then
+  if [ ! -d /etc/docker ]; then
+    mkdir -p /run/gantry-test-etc/upper /run/gantry-test-etc/work
+    mount -n -t overlay gantry-test -o lowerdir=/etc,upperdir=/run/gantry-test-etc/upper,workdir=/run/gantry-test-etc/work /etc
+    mkdir /etc/docker
+  fi
+  mount -n --bind "$GANTRY_TEST_ETC_DOCKER" /etc/docker
+fi
+if [ -n "${GANTRY_TEST_HOSTS:-}" ]; then mount -n --bind "$GANTRY_TEST_HOSTS" /etc/hosts; fi
+unset GANTRY_TEST_ETC_DOCKER GANTRY_TEST_HOSTS
 exec "$@""#;
 
 /// `unshare --mount` with the sandbox script works here (root with CAP_SYS_ADMIN).
-fn private_mounts() -> bool {
+pub fn private_mounts() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         let ok = super::which("unshare").is_some()
@@ -706,19 +892,61 @@ pub enum ImageStore {
     Containerd,
 }
 
-/// A `dockerd` with `registry-mirrors: [gantry]`, its own containerd, data-root, exec-root,
-/// pidfile, key file and API socket in temp dirs; no iptables, no bridge, no forwarding.
+/// A `dockerd` with its own containerd, data-root, exec-root, pidfile, key file and API socket
+/// in temp dirs; no iptables, no bridge, no forwarding. [`Dockerd::start`]: with
+/// `registry-mirrors: [gantry]`; [`Dockerd::start_with`] for other setups.
 pub struct Dockerd {
     daemon: Daemon,
     pub containerd: Containerd,
     pub dir: TempDir,
     pub socket: PathBuf,
     pub store: ImageStore,
+    /// What dockerd sees as `/etc/docker` (when [`DockerdSetup::own_etc_docker`]).
+    etc_docker: Option<PathBuf>,
+}
+
+/// How [`Dockerd::start_with`] sets a daemon up.
+#[derive(Clone, Copy)]
+pub struct DockerdSetup<'a> {
+    /// gantry's `host:port` as a plain-HTTP `registry-mirrors` entry (and in
+    /// `insecure-registries`).
+    pub mirror: Option<&'a str>,
+    pub store: ImageStore,
+    /// An empty directory of the daemon's temp dir is bind-mounted over `/etc/docker` in its
+    /// private mount namespace, so that [`Dockerd::trust_ca`] can put a `certs.d/<host:port>/ca.crt`
+    /// there (needs [`private_mounts`]).
+    pub own_etc_docker: bool,
+    /// The daemon's `/etc/hosts` (bind-mounted over the real one; needs [`private_mounts`]).
+    pub hosts: Option<&'a str>,
+}
+
+impl Default for DockerdSetup<'_> {
+    fn default() -> Self {
+        Self {
+            mirror: None,
+            store: ImageStore::Classic,
+            own_etc_docker: false,
+            hosts: None,
+        }
+    }
 }
 
 impl Dockerd {
     /// `mirror` is gantry's `host:port`.
     pub async fn start(mirror: &str, trap: &Trap, store: ImageStore) -> Self {
+        Self::start_with(
+            trap,
+            DockerdSetup {
+                mirror: Some(mirror),
+                store,
+                ..DockerdSetup::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_with(trap: &Trap, setup: DockerdSetup<'_>) -> Self {
+        let store = setup.store;
         let major = tool_version("dockerd").await.0.unwrap_or(0);
         let containerd = Containerd::start().await;
         let dir = tempfile::tempdir().unwrap();
@@ -736,10 +964,12 @@ impl Dockerd {
             "ip-forward": false,
             "ip-masq": false,
             "bridge": "none",
-            "registry-mirrors": [format!("http://{mirror}")],
-            "insecure-registries": [mirror],
             "debug": true,
         });
+        if let Some(mirror) = setup.mirror {
+            config["registry-mirrors"] = json!([format!("http://{mirror}")]);
+            config["insecure-registries"] = json!([mirror]);
+        }
         if major <= 24 {
             // libtrust's key, /etc/docker/key.json by default (removed in Engine 25).
             config["deprecated-key-path"] = json!(d.join("key.json"));
@@ -749,6 +979,21 @@ impl Dockerd {
             // With the containerd store, storage-driver names a containerd snapshotter.
             config["storage-driver"] = json!("native");
         }
+        let mut mounts: Vec<(&str, PathBuf)> = Vec::new();
+        let etc_docker = setup.own_etc_docker.then(|| {
+            let etc_docker = d.join("etc-docker");
+            std::fs::create_dir_all(etc_docker.join("certs.d")).unwrap();
+            mounts.push((SANDBOX_ETC_DOCKER, etc_docker.clone()));
+            etc_docker
+        });
+        if let Some(hosts) = setup.hosts {
+            std::fs::write(d.join("hosts"), hosts).unwrap();
+            mounts.push((SANDBOX_HOSTS, d.join("hosts")));
+        }
+        assert!(
+            mounts.is_empty() || private_mounts(),
+            "dockerd's own /etc/docker or /etc/hosts needs a private mount namespace (`unshare --mount`)"
+        );
         let config_path = d.join("daemon.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
         std::fs::create_dir_all(d.join("tmp")).unwrap();
@@ -760,6 +1005,7 @@ impl Dockerd {
             .env_remove("DOCKER_DRIVER")
             .env_remove("DOCKER_HOST")
             .envs(trap.env())
+            .envs(mounts)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -772,6 +1018,7 @@ impl Dockerd {
             dir,
             socket,
             store,
+            etc_docker,
         };
         let started = Instant::now();
         while started.elapsed() < START_TIMEOUT {
@@ -807,15 +1054,49 @@ impl Dockerd {
 
     /// The `docker` CLI against this daemon, with its own config dir.
     pub async fn docker(&self, args: &[&str]) -> Run {
+        self.docker_with_input(args, None).await
+    }
+
+    /// [`Dockerd::docker`] with `input` on the CLI's stdin.
+    pub async fn docker_with_input(&self, args: &[&str], input: Option<&[u8]>) -> Run {
         let mut command = Command::new("docker");
         command
             .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
-            .env("DOCKER_CONFIG", self.dir.path().join("cli"))
+            .env("DOCKER_CONFIG", self.cli_config_dir())
             .env_remove("DOCKER_CONTEXT")
             .env_remove("DOCKER_TLS_VERIFY")
             .env_remove("DOCKER_CERT_PATH")
+            .env_remove("DOCKER_AUTH_CONFIG")
             .args(args);
-        run(command, COMMAND_TIMEOUT).await
+        run_with_input(command, input, COMMAND_TIMEOUT).await
+    }
+
+    /// The CLI's `DOCKER_CONFIG` (`docker login` stores credentials in its `config.json`).
+    pub fn cli_config_dir(&self) -> PathBuf {
+        self.dir.path().join("cli")
+    }
+
+    /// `docker login REGISTRY -u USER --password-stdin` (the password on stdin).
+    pub async fn login(&self, registry: &str, user: &str, password: &str) -> Run {
+        self.docker_with_input(
+            &["login", registry, "-u", user, "--password-stdin"],
+            Some(password.as_bytes()),
+        )
+        .await
+    }
+
+    /// Makes this daemon trust `ca` for `registry` (`host:port`): copies it to
+    /// `/etc/docker/certs.d/<registry>/ca.crt` as the daemon sees it (its own `/etc/docker`,
+    /// [`DockerdSetup::own_etc_docker`]). dockerd reads certs.d whenever it connects to a
+    /// registry, so this works on a running daemon.
+    pub fn trust_ca(&self, registry: &str, ca: &Path) {
+        let etc_docker = self
+            .etc_docker
+            .as_ref()
+            .expect("trust_ca needs DockerdSetup::own_etc_docker");
+        let dir = etc_docker.join("certs.d").join(registry);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(ca, dir.join("ca.crt")).unwrap();
     }
 
     /// `docker pull REF`; panics with the CLI's output and the daemons' logs on failure.
