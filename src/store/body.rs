@@ -17,8 +17,8 @@ use super::Lease;
 /// Large reads keep syscalls and thread hops rare on the warm path.
 pub const READ_CHUNK: usize = 1 << 20;
 
-/// Streams `[offset, end)` of a file. Reads run on the blocking pool with positional reads, so
-/// many bodies can share one file handle; the next chunk is read while the current one is sent.
+/// Streams `[offset, end)` of a file through its own handle (each request opens the blob anew).
+/// Reads run on the blocking pool; the next chunk is read while the current one is sent.
 pub struct FileChunks {
     file: Arc<File>,
     /// Where the next read starts.
@@ -53,12 +53,30 @@ impl FileChunks {
         self.next_read += len as u64;
         let file = Arc::clone(&self.file);
         self.pending = Some(tokio::task::spawn_blocking(move || {
-            read_exact_at(&file, offset, len)
+            read_exclusive(&file, offset, len)
         }));
     }
 }
 
-/// Reads exactly `len` bytes at `offset`; a file shorter than that is an error, never a short body.
+/// Reads exactly `len` bytes at `offset` from a handle no one else reads concurrently (it seeks).
+/// Unlike [`read_exact_at`] it reads into uninitialized capacity, sparing a memset per chunk on
+/// the warm path. A file shorter than asked is an error, never a short body.
+fn read_exclusive(mut file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buffer = Vec::with_capacity(len);
+    file.take(len as u64).read_to_end(&mut buffer)?;
+    if buffer.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "file ended early",
+        ));
+    }
+    Ok(Bytes::from(buffer))
+}
+
+/// Reads exactly `len` bytes at `offset` with positional reads, so many readers can share one
+/// handle (requests following a download). A file shorter than that is an error.
 pub fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
     let mut buffer = vec![0u8; len];
     let mut filled = 0;

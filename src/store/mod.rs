@@ -92,8 +92,14 @@ pub struct Store {
     root: PathBuf,
     max_size: Option<u64>,
     index: Mutex<Index>,
+    /// Manifests are small and asked for on every pull: their bytes are kept in memory too, so a
+    /// warm manifest request touches no file. Entries leave with their file (eviction, `forget`).
+    hot_manifests: moka::sync::Cache<Digest, StoredManifest>,
     metrics: Arc<Metrics>,
 }
+
+/// Memory for [`Store::hot_manifests`], in bytes.
+const HOT_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// A committed blob opened for reading; it cannot be evicted while this lives.
 pub struct BlobFile {
@@ -171,6 +177,13 @@ impl Store {
                 total_bytes,
                 pins: HashMap::new(),
             }),
+            hot_manifests: moka::sync::Cache::builder()
+                .max_capacity(HOT_MANIFEST_BYTES)
+                .weigher(|_, manifest: &StoredManifest| {
+                    u32::try_from(manifest.bytes.len() + manifest.media_type.len())
+                        .unwrap_or(u32::MAX)
+                })
+                .build(),
             metrics,
         });
         store.evict_to_fit();
@@ -211,6 +224,7 @@ impl Store {
 
     /// Forgets an entry whose file vanished from under the index.
     fn forget(&self, key: &Key) {
+        self.hot_manifests.invalidate(&key.digest);
         let mut index = self.lock_index();
         if let Some(size) = index.lru.pop(key) {
             index.total_bytes -= size;
@@ -254,6 +268,9 @@ impl Store {
             digest: digest.clone(),
         };
         let (lease, _) = self.lease(&key)?;
+        if let Some(hot) = self.hot_manifests.get(digest) {
+            return Some(hot);
+        }
         let raw = tokio::fs::read(self.path(Kind::Manifest, digest)).await;
         drop(lease);
         let parsed = raw.ok().and_then(|raw| {
@@ -262,8 +279,9 @@ impl Store {
             let bytes = Bytes::from(raw).slice(split + 1..);
             Some(StoredManifest { media_type, bytes })
         });
-        if parsed.is_none() {
-            self.forget(&key);
+        match &parsed {
+            Some(manifest) => self.hot_manifests.insert(digest.clone(), manifest.clone()),
+            None => self.forget(&key),
         }
         parsed
     }
@@ -327,6 +345,7 @@ impl Store {
                     continue;
                 }
                 index.total_bytes -= size;
+                self.hot_manifests.invalidate(&key.digest);
                 victims.push(key);
             }
             // Pinned entries go back as least recently used: first out once their readers finish.
