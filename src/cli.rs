@@ -33,7 +33,13 @@ pub fn init_logging(config: &Config) {
         LogFormat::Json => registry
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
             .try_init(),
-        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        // Colors only on a terminal: escape codes cost time per line and clutter log files.
+        LogFormat::Pretty => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+            )
+            .try_init(),
     };
     if let Err(error) = result {
         eprintln!("gantry: logging was already set up: {error}");

@@ -14,8 +14,10 @@ use tokio::task::JoinHandle;
 
 use super::Lease;
 
-/// Large reads keep syscalls and thread hops rare on the warm path.
-pub const READ_CHUNK: usize = 1 << 20;
+/// 256 KiB reads. Against 1 MiB (wrk, 32 clients on a 1 MiB blob, 4 on a 100 MiB one) they halved
+/// gantry's peak RSS (37 vs 70 MiB: each body holds a chunk in hyper and one read ahead) at no
+/// throughput cost we could measure on this 2-core machine (2.2k req/s, 2.2-2.6 GB/s).
+pub const READ_CHUNK: usize = 256 << 10;
 
 /// Streams `[offset, end)` of a file through its own handle (each request opens the blob anew).
 /// Reads run on the blocking pool; the next chunk is read while the current one is sent.
