@@ -24,6 +24,8 @@ use crate::upstream::{Upstream, UpstreamRequest};
 const FIRST_CLIENT_CHANNEL: usize = 64;
 /// Upstream chunks are written to disk in batches of about this size.
 const WRITE_BATCH: usize = 256 << 10;
+/// Batches read ahead of the disk writer, at most (bounds memory per download to ~1 MiB).
+const WRITE_QUEUE: usize = 4;
 
 #[derive(Clone, Debug)]
 pub enum Phase {
@@ -208,45 +210,63 @@ impl Mirror {
             digest: digest.to_string(),
             reason,
         };
-        // The newest chunk is held back from the first client until the next one arrives, and the
-        // very last one until the digest is verified.
-        let mut held_back: Option<Bytes> = None;
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0;
-        let mut received: u64 = 0;
-        loop {
-            let chunk = body
-                .chunk()
-                .await
-                .map_err(|e| upstream_failure(upstream, e))?;
-            let Some(chunk) = chunk else { break };
-            received += chunk.len() as u64;
-            if size.is_some_and(|size| received > size) {
-                return Err(bad_content(format!(
-                    "more than the announced {} bytes",
-                    size.unwrap_or(0)
-                )));
-            }
-            self.metrics
-                .upstream_bytes
-                .with_label_values(&[upstream.name()])
-                .inc_by(chunk.len() as u64);
-            if let Some(previous) = held_back.replace(chunk.clone()) {
-                offer(&mut first, previous);
-            }
-            batch_bytes += chunk.len();
-            batch.push(chunk);
-            if batch_bytes >= WRITE_BATCH {
-                writer
-                    .write_all(std::mem::take(&mut batch))
+        // Reading the upstream and writing the disk overlap: full batches queue for the writer
+        // (at most WRITE_QUEUE of them) while the next one is read.
+        let (batches, mut queue) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
+        let reading = async move {
+            // The newest chunk is held back from the first client until the next one arrives,
+            // and the very last one until the digest is verified.
+            let mut held_back: Option<Bytes> = None;
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
+            let mut received: u64 = 0;
+            let writer_gone = || MirrorError::Store("the disk writer stopped".into());
+            loop {
+                let chunk = body
+                    .chunk()
                     .await
-                    .map_err(store_error)?;
-                batch_bytes = 0;
+                    .map_err(|e| upstream_failure(upstream, e))?;
+                let Some(chunk) = chunk else { break };
+                received += chunk.len() as u64;
+                if size.is_some_and(|size| received > size) {
+                    return Err(bad_content(format!(
+                        "more than the announced {} bytes",
+                        size.unwrap_or(0)
+                    )));
+                }
+                self.metrics
+                    .upstream_bytes
+                    .with_label_values(&[upstream.name()])
+                    .inc_by(chunk.len() as u64);
+                if let Some(previous) = held_back.replace(chunk.clone()) {
+                    offer(&mut first, previous);
+                }
+                batch_bytes += chunk.len();
+                batch.push(chunk);
+                if batch_bytes >= WRITE_BATCH {
+                    batches
+                        .send(std::mem::take(&mut batch))
+                        .await
+                        .map_err(|_| writer_gone())?;
+                    batch_bytes = 0;
+                }
+            }
+            if !batch.is_empty() {
+                batches.send(batch).await.map_err(|_| writer_gone())?;
+            }
+            Ok((held_back, first))
+        };
+        let writing = async move {
+            while let Some(batch) = queue.recv().await {
+                writer.write_all(batch).await?;
                 let written = writer.written();
                 progress.send_modify(|p| p.phase = Phase::Streaming { written });
             }
-        }
-        writer.write_all(batch).await.map_err(store_error)?;
+            Ok::<_, StoreError>(writer)
+        };
+        let (read, written) = tokio::join!(reading, writing);
+        let (held_back, mut first) = read?;
+        let writer = written.map_err(store_error)?;
         let total = writer.written();
         writer.commit().await.map_err(|e| match e {
             StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => {
