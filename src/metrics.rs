@@ -78,7 +78,7 @@ impl Metrics {
             ),
             request_duration: histogram_vec(
                 "gantry_http_request_duration_seconds",
-                "Time to the response headers of client requests.",
+                "Duration of client requests, from the request to the end of the response body.",
                 &["route"],
             ),
             cache_lookups: counter_vec(

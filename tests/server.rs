@@ -145,7 +145,12 @@ async fn json_logs_have_one_line_per_request_and_no_secrets() {
     assert_eq!(manifest_line["path"], "/v2/team/app/manifests/v1");
     assert_eq!(manifest_line["cache"], "miss");
     assert!(manifest_line["ms"].as_f64().is_some());
-    assert_eq!(manifest_line["bytes"], manifest.len().to_string());
+    assert_eq!(
+        manifest_line["bytes"],
+        manifest.len() as u64,
+        "bytes actually sent"
+    );
+    assert_eq!(manifest_line["complete"], true);
     let bad_line = requests.iter().find(|l| l["status"] == 400).unwrap();
     assert!(bad_line["error"].as_str().unwrap().contains("NAME_INVALID"));
     assert!(

@@ -3,6 +3,7 @@
 //! listener (`/metrics`, `/healthz`, `/readyz`).
 
 mod admin;
+mod request_log;
 mod tls;
 
 use std::convert::Infallible;
@@ -29,6 +30,8 @@ use crate::mirror::Mirror;
 use crate::store::{Store, StoreError};
 use crate::tags::{RedisTags, TagError, Tags};
 use crate::upstream::{Pool, Timeouts};
+use http_body_util::BodyExt;
+use request_log::{LoggedBody, RequestLog};
 use tls::TlsState;
 
 #[derive(Debug, thiserror::Error)]
@@ -210,41 +213,27 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
 /// Handles one API request and writes its log line and metrics.
 async fn logged(
     api: &Api,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let (response, outcome) = api.handle(request).await;
-    let elapsed = started.elapsed();
     let status = response.status();
     metrics
         .requests
         .with_label_values(&[outcome.route, method.as_str(), status.as_str()])
         .inc();
-    metrics
-        .request_duration
-        .with_label_values(&[outcome.route])
-        .observe(elapsed.as_secs_f64());
-    let length = response
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    // One line per request; paths hold names and digests only, never credentials.
-    tracing::info!(
-        %method,
-        %path,
-        route = outcome.route,
-        status = status.as_u16(),
-        cache = outcome.cache,
-        bytes = length,
-        ms = elapsed.as_secs_f64() * 1000.0,
-        error = outcome.error.as_deref(),
-        "request"
-    );
-    response
+    let log = RequestLog {
+        started,
+        method,
+        path,
+        status,
+        outcome,
+        metrics: Arc::clone(metrics),
+    };
+    response.map(|body| LoggedBody::new(body, log).boxed_unsync())
 }
 
 #[derive(Clone, Copy)]
