@@ -23,27 +23,39 @@ fn load(path: Option<&Path>) -> Result<Config, ExitCode> {
     })
 }
 
-pub fn init_logging(config: &Config) {
+/// Sets up logging to stdout. Lines go through a background writer thread (the request line was
+/// ~19% of CPU on warm tag requests when written synchronously); the returned guard flushes it
+/// and must live as long as the process logs. Under overload lines are dropped, never requests.
+pub fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     let filter: tracing_subscriber::filter::Targets =
         config.log.level.0.parse().unwrap_or_default();
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let registry = tracing_subscriber::registry().with(filter);
     let result = match config.log.format {
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(writer),
+            )
             .try_init(),
         // Colors only on a terminal: escape codes cost time per line and clutter log files.
         LogFormat::Pretty => registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+                    .with_ansi(ansi)
+                    .with_writer(writer),
             )
             .try_init(),
     };
     if let Err(error) = result {
         eprintln!("gantry: logging was already set up: {error}");
     }
+    guard
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -64,7 +76,7 @@ pub fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> ExitCode
     if let Some(listen) = listen {
         config.listen = ListenAddr(listen);
     }
-    init_logging(&config);
+    let _log_writer = init_logging(&config);
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
@@ -111,7 +123,7 @@ pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    init_logging(&config);
+    let _log_writer = init_logging(&config);
     let max_size = config.storage.max_size.map(|s| s.0);
     let result =
         Store::open(&config.storage.path, max_size, Arc::new(Metrics::new())).and_then(|store| {
