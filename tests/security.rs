@@ -18,74 +18,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// A CA and a server certificate it signed for localhost and 127.0.0.1: (ca.pem, cert.pem, key.pem).
+/// A test CA and a server certificate it signed, in `dir/name/`: (ca.pem, cert.pem, key.pem).
 fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let path = |suffix: &str| dir.join(format!("{name}-{suffix}"));
-    let (ca, ca_key, cert, key, csr, ext) = (
-        path("ca.crt"),
-        path("ca.key"),
-        path("server.crt"),
-        path("server.key"),
-        path("server.csr"),
-        path("ext.cnf"),
-    );
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let openssl = |args: Vec<String>| {
-        let status = std::process::Command::new("openssl")
-            .args(&args)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "openssl {}", args.join(" "));
-    };
-    let s = |p: &PathBuf| p.display().to_string();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ]
-    .map(str::to_owned);
-    let mut args: Vec<String> = ["req", "-x509", "-days", "2", "-subj"]
-        .map(str::to_owned)
-        .to_vec();
-    args.push(format!("/CN={name} test CA"));
-    args.extend(ec.clone());
-    args.extend(["-keyout".into(), s(&ca_key), "-out".into(), s(&ca)]);
-    openssl(args);
-    let mut args: Vec<String> = ["req", "-subj", "/CN=localhost"]
-        .map(str::to_owned)
-        .to_vec();
-    args.extend(ec);
-    args.extend(["-keyout".into(), s(&key), "-out".into(), s(&csr)]);
-    openssl(args);
-    openssl(
-        [
-            "x509",
-            "-req",
-            "-days",
-            "2",
-            "-in",
-            &s(&csr),
-            "-CA",
-            &s(&ca),
-            "-CAkey",
-            &s(&ca_key),
-            "-CAcreateserial",
-            "-out",
-            &s(&cert),
-            "-extfile",
-            &s(&ext),
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-    );
-    (ca, cert, key)
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own).unwrap();
+    common::clients::test_certificate(&own)
 }
 
 type HttpsClient = Client<
