@@ -217,23 +217,9 @@ impl Warmer {
         reference: &str,
         accept: &str,
     ) -> Result<(String, bytes::Bytes), String> {
-        let mut request = UpstreamRequest::new(
-            Method::GET,
-            &image.repository,
-            image.path("manifests", reference),
-        );
-        request.accept = HeaderValue::from_str(accept).ok();
         let response = self
-            .mirror
-            .send(&request)
-            .await
-            .map_err(|e| e.to_string())?;
-        if response.status() != StatusCode::OK {
-            return Err(format!(
-                "the mirror answered {} for {reference}",
-                response.status()
-            ));
-        }
+            .get(image, "manifests", reference, Some(accept))
+            .await?;
         let media_type = response
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -248,14 +234,17 @@ impl Warmer {
         Ok((media_type, body))
     }
 
-    async fn read_blob(
+    /// GETs `/v2/<image>/<kind>/<reference>` from the mirror; anything but 200 is an error.
+    async fn get(
         &self,
         image: &ImageRef,
-        digest: &str,
-        bar: &ProgressBar,
-    ) -> Result<u64, String> {
-        let request =
-            UpstreamRequest::new(Method::GET, &image.repository, image.path("blobs", digest));
+        kind: &str,
+        reference: &str,
+        accept: Option<&str>,
+    ) -> Result<http::Response<crate::upstream::UpstreamBody>, String> {
+        let mut request =
+            UpstreamRequest::new(Method::GET, &image.repository, image.path(kind, reference));
+        request.accept = accept.and_then(|a| HeaderValue::from_str(a).ok());
         let response = self
             .mirror
             .send(&request)
@@ -263,10 +252,20 @@ impl Warmer {
             .map_err(|e| e.to_string())?;
         if response.status() != StatusCode::OK {
             return Err(format!(
-                "the mirror answered {} for {digest}",
+                "the mirror answered {} for {reference}",
                 response.status()
             ));
         }
+        Ok(response)
+    }
+
+    async fn read_blob(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+        bar: &ProgressBar,
+    ) -> Result<u64, String> {
+        let response = self.get(image, "blobs", digest, None).await?;
         let mut body = response.into_body();
         let mut read = 0;
         while let Some(chunk) = body.chunk().await.map_err(|e| format!("{digest}: {e}"))? {
