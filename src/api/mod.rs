@@ -25,7 +25,7 @@ use crate::access::{Access, Decision, Identity};
 use crate::metrics::Metrics;
 use crate::mirror::{BlobSource, Follower, Manifest, Mirror, MirrorError, Target};
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
-use crate::store::FileChunks;
+use crate::store::BlobBody;
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, io::Error>;
 
@@ -372,8 +372,8 @@ fn blob_response(
     }
     *response.body_mut() = match source {
         BlobSource::Cached(blob) => {
-            FileChunks::new(blob.file, start, end.unwrap_or(blob.size), Some(blob.lease))
-                .boxed_unsync()
+            let end = end.unwrap_or(blob.size);
+            BlobBody::new(blob, start, end).boxed_unsync()
         }
         BlobSource::Downloading { flight, first, .. } => {
             // Only a request for the whole blob can take the upstream chunks as they come.

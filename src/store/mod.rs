@@ -14,6 +14,7 @@
 //! never evicted.
 
 mod body;
+mod mapped;
 mod writer;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use lru::LruCache;
 
-pub use body::{read_exact_at, FileChunks, READ_CHUNK};
+pub use body::{read_exact_at, BlobBody, FileChunks, READ_CHUNK};
 pub use writer::BlobWriter;
 
 use crate::metrics::Metrics;

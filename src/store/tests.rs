@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http_body::Body;
 use http_body_util::BodyExt;
 
 use super::*;
@@ -15,7 +16,8 @@ async fn put_blob(store: &Arc<Store>, content: &[u8]) -> Digest {
     let mut writer = store
         .begin_blob(&digest, Some(content.len() as u64))
         .unwrap();
-    for chunk in content.chunks(7) {
+    // Small chunks for small contents (odd sizes are the interesting case), ~100 for large ones.
+    for chunk in content.chunks((content.len() / 100).max(7)) {
         writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
     }
     writer.commit().await.unwrap();
@@ -24,8 +26,13 @@ async fn put_blob(store: &Arc<Store>, content: &[u8]) -> Digest {
 
 async fn read_all(store: &Arc<Store>, digest: &Digest) -> Vec<u8> {
     let blob = store.open_blob(digest).await.expect("blob present");
-    let body = FileChunks::new(blob.file, 0, blob.size, Some(blob.lease));
-    body.collect().await.unwrap().to_bytes().to_vec()
+    let size = blob.size;
+    BlobBody::new(blob, 0, size)
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
 }
 
 fn tmp_is_empty(dir: &Path) -> bool {
@@ -159,10 +166,7 @@ async fn verify_all_removes_corrupt_entries() {
 #[tokio::test]
 async fn file_chunks_serve_exact_ranges() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("f");
-    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&path, &content).unwrap();
-    let file = Arc::new(File::open(&path).unwrap());
+    let (file, content) = patterned_file(dir.path(), 3_000_000);
     for (start, end) in [
         (0, 3_000_000),
         (5, 6),
@@ -182,4 +186,83 @@ async fn file_chunks_serve_exact_ranges() {
         past_the_end.collect().await.is_err(),
         "a short file is an error, never a short body"
     );
+}
+
+fn patterned_file(dir: &Path, len: u32) -> (Arc<File>, Vec<u8>) {
+    let path = dir.join("f");
+    let content: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &content).unwrap();
+    (Arc::new(File::open(&path).unwrap()), content)
+}
+
+#[tokio::test]
+async fn mapped_chunks_serve_exact_ranges_in_bounded_windows() {
+    use super::mapped::{MappedChunks, MAP_WINDOW};
+    let dir = tempfile::tempdir().unwrap();
+    let (file, content) = patterned_file(dir.path(), 5 << 20);
+    let window = MAP_WINDOW as u64;
+    for (start, end) in [
+        (0, 5 << 20),
+        (5, 6),
+        (window - 3, 2 * window + 5),
+        ((5 << 20) - 1, 5 << 20),
+        (7, 7),
+    ] {
+        let mut body = MappedChunks::new(Arc::clone(&file), start, end).unwrap();
+        let mut received = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(data.len() <= MAP_WINDOW, "one window at a time");
+            received.extend_from_slice(&data);
+        }
+        assert!(body.is_end_stream());
+        assert_eq!(
+            received,
+            &content[start as usize..end as usize],
+            "{start}-{end}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_blob_file_shorter_than_its_size_fails_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let digest = put_blob(&store, &[7u8; 100_000]).await;
+    let blob = store.open_blob(&digest).await.unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(store.path(Kind::Blob, &digest))
+        .unwrap()
+        .set_len(50_000)
+        .unwrap();
+    let size = blob.size;
+    assert!(
+        BlobBody::new(blob, 0, size).collect().await.is_err(),
+        "a damaged file is an error, never a short body"
+    );
+}
+
+#[tokio::test]
+async fn a_body_survives_its_file_being_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let content: Vec<u8> = (0..(5u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let digest = put_blob(&store, &content).await;
+    let blob = store.open_blob(&digest).await.unwrap();
+    let size = blob.size;
+    let mut body = BlobBody::new(blob, 0, size);
+    let mut received = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap()
+        .to_vec();
+    std::fs::remove_file(store.path(Kind::Blob, &digest)).unwrap();
+    while let Some(frame) = body.frame().await {
+        received.extend_from_slice(&frame.unwrap().into_data().unwrap());
+    }
+    assert_eq!(received, content);
 }
