@@ -1,5 +1,6 @@
 //! Fault injection: an upstream that stalls, lies about Content-Length or answers 500/429 storms,
-//! a disk that fills during a download, and gantry SIGKILLed during 8 concurrent downloads.
+//! a disk that fills during a download, a commit that fails after verification, and gantry
+//! SIGKILLed during 8 concurrent downloads.
 //! Afterwards nothing corrupt is served and nothing committed is lost.
 
 mod common;
@@ -238,6 +239,56 @@ async fn a_full_disk_fails_the_download_and_keeps_what_was_committed() {
     );
     // What was committed before is still served, byte for byte.
     assert_eq!(http_get(&small_url, &[]).await.unwrap().body, small);
+    drop(gantry);
+}
+
+/// Clients get a blob's last bytes once it is verified, not once it is durable: a commit that
+/// fails afterwards (here: its directory cannot be created) costs the cache, not the clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_blob_reaches_its_clients_even_if_the_store_cannot_keep_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let (content, digest) = blob(3 << 20, 6);
+    // A file where the blob's fan-out directory should be: the rename into place fails.
+    let fan_out = blob_path(&store, &digest).parent().unwrap().to_owned();
+    std::fs::create_dir_all(fan_out.parent().unwrap()).unwrap();
+    std::fs::write(&fan_out, b"not a directory").unwrap();
+    let upstream = blob_upstream(
+        vec![(content.clone(), digest.clone())],
+        Arc::new(AtomicU8::new(0)),
+    )
+    .await;
+    let gantry = Gantry::start_with(dir, &upstream.url(), Options::default()).await;
+    let url = gantry.url(&format!("/v2/team/app/blobs/{digest}"));
+    let (first, second) = tokio::join!(http_get(&url, &[]), http_get(&url, &[]));
+    for answer in [first, second] {
+        let answer = answer.expect("a verified blob is delivered whole");
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.body, content);
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            gantry
+                .metrics()
+                .await
+                .contains("gantry_download_failures_total{reason=\"io\"} 1")
+        })
+        .await,
+        "the failed commit is counted"
+    );
+    assert!(dir_is_empty(&store.join("tmp")), "nothing left in tmp/");
+    assert!(!blob_path(&store, &digest).exists());
+    // Not cached, so the next request goes upstream again, and is still served.
+    let upstream_gets = || {
+        upstream
+            .seen()
+            .iter()
+            .filter(|seen| seen.method == http::Method::GET && seen.uri.contains(&digest))
+            .count()
+    };
+    let before = upstream_gets();
+    assert_eq!(http_get(&url, &[]).await.unwrap().body, content);
+    assert_eq!(upstream_gets(), before + 1);
     drop(gantry);
 }
 

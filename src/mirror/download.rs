@@ -37,6 +37,10 @@ pub enum Phase {
     Streaming {
         written: u64,
     },
+    /// Every byte is on disk and matches the digest; being made durable and moved into the store.
+    Verified {
+        size: u64,
+    },
     /// Verified and in the store.
     Committed {
         size: u64,
@@ -85,6 +89,7 @@ impl Flight {
             progress: self.progress.clone(),
             offset,
             end,
+            verified_size: None,
             finished: false,
         }
     }
@@ -268,17 +273,21 @@ impl Mirror {
         };
         let (read, written) = tokio::join!(reading, writing);
         let (held_back, mut first) = read?;
-        let writer = written.map_err(store_error)?;
+        let mut writer = written.map_err(store_error)?;
         let total = writer.written();
-        writer.commit().await.map_err(|e| match e {
+        writer.verify().map_err(|e| match e {
             StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => {
                 bad_content(e.to_string())
             }
             other => store_error(other),
         })?;
+        // The content is verified: clients get their last bytes now, not after the fsync.
+        progress.send_modify(|p| p.phase = Phase::Verified { size: total });
         if let Some(last) = held_back {
             offer(&mut first, last);
         }
+        drop(first);
+        writer.commit().await.map_err(store_error)?;
         Ok(total)
     }
 }
@@ -309,6 +318,9 @@ pub struct Follower {
     progress: watch::Receiver<Progress>,
     offset: u64,
     end: Option<u64>,
+    /// The blob's size once the download was seen verified: from then on the body reads the
+    /// file to the end whatever happens to the commit (its handle outlives the temp file).
+    verified_size: Option<u64>,
     finished: bool,
 }
 
@@ -341,12 +353,15 @@ impl Follower {
                 continue;
             }
             let state = self.progress.borrow_and_update().clone();
+            if let Phase::Verified { size } | Phase::Committed { size } = state.phase {
+                self.verified_size = Some(size);
+            }
             // While streaming, the last byte on disk is held back: the end is only shown once verified.
-            let readable = match &state.phase {
-                Phase::Connecting => 0,
-                Phase::Streaming { written } => written.saturating_sub(1),
-                Phase::Committed { size } => *size,
-                Phase::Failed(error) => return Err(io::Error::other(error.to_string())),
+            let readable = match (self.verified_size, &state.phase) {
+                (Some(size), _) => size,
+                (None, Phase::Streaming { written }) => written.saturating_sub(1),
+                (None, Phase::Failed(error)) => return Err(io::Error::other(error.to_string())),
+                (None, _) => 0,
             };
             let limit = self.end.map_or(readable, |end| end.min(readable));
             if self.offset < limit {
@@ -361,7 +376,7 @@ impl Follower {
                 self.offset += chunk.len() as u64;
                 return Ok(Some(chunk));
             }
-            if let Phase::Committed { size } = state.phase {
+            if let Some(size) = self.verified_size {
                 if self.offset >= size {
                     return Ok(None);
                 }

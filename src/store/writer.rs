@@ -32,6 +32,8 @@ pub struct BlobWriter {
     written: u64,
     /// All bytes in the file, including a manifest's media type line.
     file_bytes: u64,
+    /// The file, once [`verify`](Self::verify) found its content matches the digest.
+    verified: Option<File>,
     committed: bool,
 }
 
@@ -64,6 +66,7 @@ impl BlobWriter {
             tmp_path,
             written: 0,
             file_bytes: 0,
+            verified: None,
             committed: false,
         })
     }
@@ -127,9 +130,16 @@ impl BlobWriter {
         result.map_err(io_error(&self.tmp_path))
     }
 
-    /// Verifies size and digest, makes the file durable and moves it into place. On any mismatch
-    /// the temp file is removed and nothing becomes visible.
-    pub async fn commit(mut self) -> Result<(), StoreError> {
+    /// Checks size and digest without committing: from here the content may be served, while
+    /// [`commit`](Self::commit) makes it durable (fsync is a fifth of a cold 1 GiB download's time,
+    /// and no client needs to wait for it). On a mismatch nothing can be committed any more.
+    pub fn verify(&mut self) -> Result<(), StoreError> {
+        let file = self.check()?;
+        self.verified = Some(file);
+        Ok(())
+    }
+
+    fn check(&mut self) -> Result<File, StoreError> {
         let Some(open) = self.open.take() else {
             return Err(StoreError::Io {
                 path: self.tmp_path.clone(),
@@ -152,9 +162,18 @@ impl BlobWriter {
                 actual,
             });
         }
+        Ok(open.file)
+    }
+
+    /// Verifies size and digest (unless [`verify`](Self::verify) did), makes the file durable and
+    /// moves it into place. On any mismatch the temp file is removed and nothing becomes visible.
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        let file = match self.verified.take() {
+            Some(file) => file,
+            None => self.check()?,
+        };
         let final_path = self.store.path(self.kind, &self.digest);
         let tmp_path = self.tmp_path.clone();
-        let file = open.file;
         let destination = final_path.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             file.sync_all()?;
