@@ -87,6 +87,10 @@ def targets(meta, peers):
     gets = g.get("cold_upstream_blob_gets")
     add(f"cold pull: upstream blob GETs == blobs in the image ({blobs})", f"{gets}",
         None if gets is None else gets == blobs)
+    gw, dw = g.get("cold_wall_s"), d.get("cold_wall_s")
+    add("cold pull wall time <= distribution's",
+        "—" if gw is None or dw is None else f"{fmt(gw)} s vs {fmt(dw)} s",
+        None if gw is None or dw is None else gw <= dw)
     big_mib = round(meta.get("big_blob_bytes", 0) / 2**20)
     for key, label in (("blob1m_rps", "warm 1 MiB blob req/s >= 1.0x nginx"),
                        ("blob100m_mibps", f"warm {big_mib} MiB blob MiB/s >= 1.0x nginx"),
