@@ -73,16 +73,13 @@ async fn a_stalled_or_short_upstream_body_fails_cleanly() {
     let (content, digest) = blob(2 << 20, 1);
     let mode = Arc::new(AtomicU8::new(1));
     let upstream = blob_upstream(vec![(content.clone(), digest.clone())], Arc::clone(&mode)).await;
-    // A short idle timeout, in the harness config's own `timeouts:` section.
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = common::config_yaml(dir.path(), &upstream.url(), Options::default()).replace(
-        "timeouts:\n  shutdown: 5s\n",
-        "timeouts:\n  shutdown: 5s\n  idle: 1s\n",
-    );
-    let config = gantry::config::Config::from_yaml(&yaml, Path::new("faults.yaml")).unwrap();
-    let running = gantry::server::start(config).await.unwrap();
-    let url = format!("http://{}/v2/team/app/blobs/{digest}", running.addr);
-    let store = dir.path().join("store");
+    let options = Options {
+        timeouts: "  idle: 1s",
+        ..Options::default()
+    };
+    let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &upstream.url(), options).await;
+    let url = gantry.url(&format!("/v2/team/app/blobs/{digest}"));
+    let store = gantry.dir.path().join("store");
 
     let started = Instant::now();
     assert!(
@@ -109,7 +106,7 @@ async fn a_stalled_or_short_upstream_body_fails_cleanly() {
     mode.store(0, Ordering::SeqCst);
     let good = http_get(&url, &[]).await.unwrap();
     assert_eq!(good.body, content);
-    running.shutdown().await;
+    gantry.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

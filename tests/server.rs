@@ -159,3 +159,64 @@ async fn json_logs_have_one_line_per_request_and_no_secrets() {
     );
     assert!(!log.contains(TOKEN), "upstream tokens are never logged");
 }
+
+/// `timeouts.send`: a client that requests a large blob and reads nothing loses its connection,
+/// and with it the connection permit, so others are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Larger than what loopback socket buffers absorb, so the writes really block.
+    let content = Bytes::from(
+        (0..(48u32 << 20))
+            .map(|i| (i % 241) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
+    let served = content.clone();
+    let upstream = Fake::start(move |_| {
+        Scripted::new(StatusCode::OK)
+            .header("content-type", "application/octet-stream")
+            .header("content-length", &served.len().to_string())
+            .body(served.clone())
+    })
+    .await;
+    let options = Options {
+        timeouts: "  send: 1s",
+        extra: "limits:\n  max_connections: 1",
+        ..Options::default()
+    };
+    let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &upstream.url(), options).await;
+    let path = format!("/v2/team/app/blobs/{digest}");
+    assert_eq!(
+        http_get(&gantry.url(&path), &[]).await.unwrap().body,
+        content
+    );
+
+    let address = gantry.host();
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stalled
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: {address}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // The only connection permit is held by the stalled client until the send timeout.
+    let started = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(20), http_get(&gantry.url("/v2/"), &[]))
+        .await
+        .expect("served once the stalled connection is closed")
+        .unwrap();
+    assert_eq!(next.status, StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "served only after the send timeout ({:?})",
+        started.elapsed()
+    );
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut received))
+        .await
+        .expect("the stalled connection was closed");
+    assert!(
+        received.len() < content.len(),
+        "the stalled response was cut short ({} bytes)",
+        received.len()
+    );
+}

@@ -260,6 +260,9 @@ pub struct Timeouts {
     pub shutdown: Seconds,
     /// How long a client may take to send its request headers.
     pub header_read: Seconds,
+    /// Longest a client may leave a response unread (its socket accepting nothing) before its
+    /// connection is closed; nginx's `send_timeout`.
+    pub send: Seconds,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -344,6 +347,7 @@ impl Default for Timeouts {
             download: secs(3600),
             shutdown: secs(30),
             header_read: secs(30),
+            send: secs(60),
         }
     }
 }
@@ -494,6 +498,7 @@ impl Config {
             ("timeouts.idle", self.timeouts.idle),
             ("timeouts.download", self.timeouts.download),
             ("timeouts.header_read", self.timeouts.header_read),
+            ("timeouts.send", self.timeouts.send),
         ] {
             if value.0.is_zero() {
                 problems.push(format!("{key}: must be more than 0"));

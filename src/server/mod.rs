@@ -4,6 +4,7 @@
 
 mod admin;
 mod request_log;
+mod send_timeout;
 mod tls;
 
 use std::convert::Infallible;
@@ -32,6 +33,7 @@ use crate::tags::{RedisTags, TagError, Tags};
 use crate::upstream::{Pool, Timeouts};
 use http_body_util::BodyExt;
 use request_log::{LoggedBody, RequestLog};
+use send_timeout::SendTimeout;
 use tls::TlsState;
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let limits = ConnectionLimits {
         max_connections: config.limits.max_connections,
         header_read: config.timeouts.header_read.0,
+        send: config.timeouts.send.0,
         grace: config.timeouts.shutdown.0,
     };
     let access = match &config.auth {
@@ -240,6 +243,7 @@ async fn logged(
 struct ConnectionLimits {
     max_connections: usize,
     header_read: Duration,
+    send: Duration,
     grace: Duration,
 }
 
@@ -289,6 +293,7 @@ async fn serve<H, F>(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = SendTimeout::new(stream, limits.send);
         let service = service_fn(handler.clone());
         let Some(tls) = &tls else {
             let connection = builder

@@ -173,6 +173,8 @@ pub struct Options<'a> {
     pub extra: &'a str,
     /// `mirroring.tags_cache_ttl` (10m when empty).
     pub ttl: &'a str,
+    /// Lines inside `timeouts:` besides the harness's `shutdown: 5s`, e.g. `  idle: 1s`.
+    pub timeouts: &'a str,
 }
 
 impl Gantry {
@@ -233,11 +235,12 @@ impl Gantry {
 /// The YAML config the harness runs gantry with.
 pub fn config_yaml(dir: &Path, upstream_url: &str, options: Options<'_>) -> String {
     format!(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstorage:\n  path: {}\n{}\nmirroring:\n  source: {upstream_url}\n  insecure: true\n  tags_cache_ttl: {}\n{}\ntimeouts:\n  shutdown: 5s\n{}\n",
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstorage:\n  path: {}\n{}\nmirroring:\n  source: {upstream_url}\n  insecure: true\n  tags_cache_ttl: {}\n{}\ntimeouts:\n  shutdown: 5s\n{}\n{}\n",
         dir.join("store").display(),
         options.storage,
         if options.ttl.is_empty() { "10m" } else { options.ttl },
         options.mirroring,
+        options.timeouts,
         options.extra,
     )
 }
