@@ -123,7 +123,8 @@ async fn warm_pulls_need_no_upstream_and_survive_an_outage() {
     assert!(fixture.proxy.seen().is_empty());
 }
 
-/// A scripted upstream serving one blob; `mode` picks how: 0 good, 1 truncated, 2 corrupt, 3 stall.
+/// A scripted upstream serving one blob; `mode` picks how: 0 good, 1 truncated, 2 corrupt, 3 stall,
+/// 4 corrupt in its first half and sent slowly (the damaged part arrives well before the end).
 async fn blob_upstream(content: Bytes, mode: Arc<AtomicU8>) -> Fake {
     Fake::start(move |seen| {
         if !seen.uri.contains("/blobs/") {
@@ -143,6 +144,15 @@ async fn blob_upstream(content: Bytes, mode: Arc<AtomicU8>) -> Fake {
                 let mut corrupt = content.to_vec();
                 corrupt[half + 7] ^= 0xff;
                 reply.body(corrupt)
+            }
+            4 => {
+                let mut corrupt = content.to_vec();
+                corrupt[half / 2] ^= 0xff;
+                let corrupt = Bytes::from(corrupt);
+                reply
+                    .pace(Duration::from_millis(300))
+                    .body(corrupt.slice(..half))
+                    .body(corrupt.slice(half..))
             }
             _ => reply.body(content.slice(..half)).ending(Ending::Stall),
         }
@@ -196,7 +206,26 @@ async fn truncated_or_corrupt_upstream_bodies_are_never_committed() {
         .expect("served once the upstream is fixed");
     assert_eq!(good.status, StatusCode::OK);
     assert_eq!(good.body, content);
+    gantry.settled().await;
     assert!(blob_path(&store, &digest).exists());
+}
+
+/// A Range request is answered from the download in progress, but its last byte waits for the
+/// whole blob to verify: a range over damaged bytes fails instead of completing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_a_download_that_fails_verification_fails() {
+    let (content, digest) = test_blob(2 << 20);
+    let upstream = blob_upstream(content.clone(), Arc::new(AtomicU8::new(4))).await;
+    let gantry = Gantry::start(&upstream.url()).await;
+    let url = gantry.url(&format!("/v2/team/app/blobs/{digest}"));
+    let damaged = content.len() / 4;
+    let range = format!("bytes={}-{}", damaged - 10, damaged + 10);
+    let result = http_get(&url, &[("range", &range)]).await;
+    assert!(
+        result.is_err(),
+        "a range of an unverified download must not complete, got {result:?}"
+    );
+    assert!(!blob_path(&gantry.dir.path().join("store"), &digest).exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,6 +307,7 @@ async fn the_store_stays_under_max_size_keeping_recent_images() {
             .await
             .1
             .unwrap();
+        capped.settled().await;
         let (bytes, _) = capped.running.as_ref().unwrap().mirror.store().usage();
         assert!(bytes <= max_size, "after image {i}: {bytes} > {max_size}");
     }
@@ -296,6 +326,7 @@ async fn the_store_stays_under_max_size_keeping_recent_images() {
         .await
         .1
         .unwrap();
+    capped.settled().await;
     assert!(present(&images[1]) && present(&images[3]));
     assert!(!present(&images[2]));
     let metrics = capped.metrics().await;

@@ -309,6 +309,15 @@ async fn sigkill_during_eight_downloads_loses_nothing_committed() {
         &http_get(&url(committed_digest), &[]).await.unwrap().body,
         committed
     );
+    // The client has it once verified; the commit (fsync, rename) follows.
+    let committed_path = blob_path(&store, committed_digest);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            committed_path.exists()
+        })
+        .await,
+        "committed before the crash"
+    );
     mode.store(1, Ordering::SeqCst);
     let in_flight: Vec<_> = blobs[..8]
         .iter()

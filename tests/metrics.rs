@@ -31,6 +31,7 @@ async fn counters_follow_a_cold_then_a_warm_pull() {
     let reference = format!("{}/test/multi:v1", gantry.host());
 
     pull(&reference, false).await.1.expect("cold pull");
+    gantry.settled().await;
     let cold = gantry.metrics().await;
     let blob_miss = r#"gantry_cache_lookups_total{kind="blob",outcome="miss"}"#;
     let blob_hit = r#"gantry_cache_lookups_total{kind="blob",outcome="hit"}"#;

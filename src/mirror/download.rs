@@ -37,14 +37,8 @@ pub enum Phase {
     Streaming {
         written: u64,
     },
-    /// Every byte is on disk and matches the digest; being made durable and moved into the store.
-    Verified {
-        size: u64,
-    },
-    /// Verified and in the store.
-    Committed {
-        size: u64,
-    },
+    /// Verified (see [`Progress::verified`]) and in the store.
+    Committed,
     Failed(MirrorError),
 }
 
@@ -53,6 +47,10 @@ pub struct Progress {
     pub phase: Phase,
     /// From the upstream's `Content-Length`, once known.
     pub size: Option<u64>,
+    /// The blob's size once every byte is on disk and matches the digest. Set before the commit
+    /// and never cleared, so a body that looks after the commit failed still finds it: the
+    /// verified bytes stay readable through its file handle.
+    verified: Option<u64>,
     file: Option<Arc<File>>,
 }
 
@@ -89,7 +87,6 @@ impl Flight {
             progress: self.progress.clone(),
             offset,
             end,
-            verified_size: None,
             finished: false,
         }
     }
@@ -116,6 +113,7 @@ impl Mirror {
         let (progress_tx, progress_rx) = watch::channel(Progress {
             phase: Phase::Connecting,
             size: None,
+            verified: None,
             file: None,
         });
         let (first_tx, first_rx) = mpsc::channel(FIRST_CLIENT_CHANNEL);
@@ -157,7 +155,7 @@ impl Mirror {
                 .remove(&digest);
             mirror.metrics.downloads_in_flight.dec();
             match outcome {
-                Ok(size) => progress_tx.send_modify(|p| p.phase = Phase::Committed { size }),
+                Ok(_) => progress_tx.send_modify(|p| p.phase = Phase::Committed),
                 Err(error) => {
                     tracing::warn!(%digest, registry = upstream.name(), %error, "blob download failed; nothing was cached");
                     mirror
@@ -282,7 +280,7 @@ impl Mirror {
             other => store_error(other),
         })?;
         // The content is verified: clients get their last bytes now, not after the fsync.
-        progress.send_modify(|p| p.phase = Phase::Verified { size: total });
+        progress.send_modify(|p| p.verified = Some(total));
         if let Some(last) = held_back {
             offer(&mut first, last);
         }
@@ -318,9 +316,6 @@ pub struct Follower {
     progress: watch::Receiver<Progress>,
     offset: u64,
     end: Option<u64>,
-    /// The blob's size once the download was seen verified: from then on the body reads the
-    /// file to the end whatever happens to the commit (its handle outlives the temp file).
-    verified_size: Option<u64>,
     finished: bool,
 }
 
@@ -353,17 +348,15 @@ impl Follower {
                 continue;
             }
             let state = self.progress.borrow_and_update().clone();
-            if let Phase::Verified { size } | Phase::Committed { size } = state.phase {
-                self.verified_size = Some(size);
-            }
-            // While streaming, the last byte on disk is held back: the end is only shown once verified.
-            let readable = match (self.verified_size, &state.phase) {
-                (Some(size), _) => size,
-                (None, Phase::Streaming { written }) => written.saturating_sub(1),
+            let end = self.end.unwrap_or(u64::MAX);
+            // Until the blob is verified, no body may end: the last byte of its range (of the
+            // whole blob, or of a Range request) is held back, so a bad download fails it.
+            let limit = match (state.verified, &state.phase) {
+                (Some(size), _) => end.min(size),
+                (None, Phase::Streaming { written }) => end.saturating_sub(1).min(*written),
                 (None, Phase::Failed(error)) => return Err(io::Error::other(error.to_string())),
                 (None, _) => 0,
             };
-            let limit = self.end.map_or(readable, |end| end.min(readable));
             if self.offset < limit {
                 let file = state
                     .file
@@ -376,7 +369,7 @@ impl Follower {
                 self.offset += chunk.len() as u64;
                 return Ok(Some(chunk));
             }
-            if let Some(size) = self.verified_size {
+            if let Some(size) = state.verified {
                 if self.offset >= size {
                     return Ok(None);
                 }
@@ -384,8 +377,10 @@ impl Follower {
             }
             if self.progress.changed().await.is_err() {
                 // The task published its final state before ending; a closed channel without one is a bug.
-                let final_phase = self.progress.borrow().phase.clone();
-                if matches!(final_phase, Phase::Committed { .. } | Phase::Failed(_)) {
+                let last = self.progress.borrow().clone();
+                if last.verified.is_some()
+                    || matches!(last.phase, Phase::Committed | Phase::Failed(_))
+                {
                     continue;
                 }
                 return Err(io::Error::other(lost().to_string()));

@@ -224,6 +224,19 @@ impl Gantry {
         String::from_utf8(reply.body.to_vec()).unwrap()
     }
 
+    /// Waits until no blob download is in flight. A client has its blob once it is verified;
+    /// the commit into the store (fsync, rename) follows, so tests that look at the store wait.
+    pub async fn settled(&self) {
+        let idle = wait_until(Duration::from_secs(10), || async {
+            self.metrics()
+                .await
+                .lines()
+                .any(|line| line == "gantry_downloads_in_flight 0")
+        })
+        .await;
+        assert!(idle, "downloads still in flight after 10 s");
+    }
+
     pub async fn stop(mut self) -> TempDir {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
