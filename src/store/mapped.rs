@@ -8,19 +8,24 @@
 //! 1 MiB body alone from 170 to 95 us (`cargo bench --bench hot_paths -- warm_blob`). That is the
 //! measurement behind this module's `unsafe`.
 //!
-//! The file is mapped a window at a time, so a response maps at most [`MAP_WINDOW`] bytes at once
-//! and resident memory stays small however large the blob is.
+//! The file is mapped a window at a time, so a response maps at most two [`MAP_WINDOW`]s at once
+//! (hyper asks for the next frame before the current one is fully written) and resident memory
+//! stays small however large the blob is. A window that is not all in the page cache is faulted
+//! in on the blocking pool first (`mincore` tells), so a store larger than memory never makes a
+//! runtime thread wait for the disk.
 #![allow(unsafe_code)]
 
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use memmap2::{Advice, MmapOptions};
+use memmap2::{Advice, Mmap, MmapOptions};
+use tokio::task::JoinHandle;
 
 use super::Lease;
 
@@ -32,6 +37,12 @@ pub struct MappedChunks {
     file: Arc<File>,
     next: u64,
     end: u64,
+    /// Bytes not yet handed to hyper.
+    remaining: u64,
+    /// The first window, mapped by `new` to find out early whether the file can be mapped at all.
+    first: Option<Mmap>,
+    /// A window whose pages are being read in from disk on the blocking pool.
+    faulting: Option<JoinHandle<Bytes>>,
     /// Keeps the entry from eviction while it is being sent.
     lease: Option<Lease>,
 }
@@ -48,15 +59,17 @@ impl MappedChunks {
                 "file is shorter than the blob",
             ));
         }
-        let body = Self {
+        let mut body = Self {
             file,
             next: offset.min(end),
             end,
+            remaining: end.saturating_sub(offset),
+            first: None,
+            faulting: None,
             lease: None,
         };
         if body.next < body.end {
-            // Probe once, so an unmappable file is found before any byte is sent.
-            body.map(body.next, 1)?;
+            body.first = Some(body.map_next()?);
         }
         Ok(body)
     }
@@ -67,21 +80,60 @@ impl MappedChunks {
         self
     }
 
-    fn map(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+    /// Maps the next window and moves past it.
+    fn map_next(&mut self) -> io::Result<Mmap> {
+        let len = (self.end - self.next).min(MAP_WINDOW as u64) as usize;
         // SAFETY: a mapping is only unsound if the file changes while mapped. Blob files are
         // content-addressed and immutable: they are written under tmp/, verified, fsynced and
-        // renamed into place, and gantry only ever unlinks them (eviction, `gc --verify`), which
-        // leaves existing mappings intact. `new` checked that the file covers every mapped byte.
-        // Only someone truncating files inside storage.path by hand could break this (SIGBUS).
+        // renamed into place, and gantry only ever unlinks them (eviction, `gc --verify`) or
+        // renames an identical file over them, which leaves existing mappings intact. `new`
+        // checked that the file covers every mapped byte. What can still fault is outside this
+        // contract: someone truncating or rewriting files under storage.path by hand, or a disk
+        // read error on a mapped page; either kills the process with SIGBUS (SECURITY.md).
         let map = unsafe {
             MmapOptions::new()
-                .offset(offset)
+                .offset(self.next)
                 .len(len)
                 .map(&*self.file)?
         };
         // Start read-ahead of the whole window now, should the page cache not have it.
         let _ = map.advise(Advice::WillNeed);
-        Ok(Bytes::from_owner(map))
+        self.next += len as u64;
+        Ok(map)
+    }
+
+    fn hand_out(&mut self, window: Bytes) -> Frame<Bytes> {
+        self.remaining -= window.len() as u64;
+        Frame::data(window)
+    }
+}
+
+/// Whether every page of `map` is in the page cache (on error: assume not).
+pub(super) fn resident(map: &Mmap) -> bool {
+    let page = page_size();
+    let start = map.as_ptr() as usize;
+    let aligned = start - start % page;
+    let len = map.len() + (start - aligned);
+    let mut pages = vec![0u8; len.div_ceil(page)];
+    // SAFETY: [aligned, aligned + len) lies within the live mapping `map` (memmap2 maps from the
+    // page boundary below the requested offset), and `pages` has one byte per page of it.
+    let status = unsafe { libc::mincore(aligned as *mut libc::c_void, len, pages.as_mut_ptr()) };
+    status == 0 && pages.iter().all(|page| page & 1 == 1)
+}
+
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        size if size > 0 => size as usize,
+        _ => 4096,
+    })
+}
+
+/// Reads one byte of every page, so the disk reads happen on the calling (blocking) thread.
+fn fault_in(window: &[u8]) {
+    for offset in (0..window.len()).step_by(page_size()) {
+        std::hint::black_box(window[offset]);
     }
 }
 
@@ -91,22 +143,56 @@ impl Body for MappedChunks {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        if self.next >= self.end {
-            return Poll::Ready(None);
+        if let Some(faulting) = self.faulting.as_mut() {
+            let faulted = ready!(Pin::new(faulting).poll(cx));
+            self.faulting = None;
+            return Poll::Ready(Some(match faulted {
+                Ok(window) => Ok(self.hand_out(window)),
+                Err(join) => Err(io::Error::other(join)),
+            }));
         }
-        let len = (self.end - self.next).min(MAP_WINDOW as u64) as usize;
-        let chunk = self.map(self.next, len);
-        self.next += len as u64;
-        Poll::Ready(Some(chunk.map(Frame::data)))
+        let map = match self.first.take() {
+            Some(map) => map,
+            None if self.next >= self.end => return Poll::Ready(None),
+            None => match self.map_next() {
+                Ok(map) => map,
+                Err(error) => return Poll::Ready(Some(Err(error))),
+            },
+        };
+        if resident(&map) {
+            let window = Bytes::from_owner(map);
+            return Poll::Ready(Some(Ok(self.hand_out(window))));
+        }
+        let window = Bytes::from_owner(map);
+        self.faulting = Some(tokio::task::spawn_blocking(move || {
+            fault_in(&window);
+            window
+        }));
+        self.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.next >= self.end
+        self.remaining == 0
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.end - self.next)
+        SizeHint::with_exact(self.remaining)
     }
+}
+
+#[cfg(test)]
+/// Drops a clean file's pages from the page cache, so tests can serve a window from disk.
+pub(super) fn evict_from_page_cache(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its arguments; the descriptor is open.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) == 0 }
+}
+
+#[cfg(test)]
+/// Maps part of a test's file without read-ahead advice, to look at the page cache as it is.
+pub(super) fn map_unadvised(file: &File, offset: u64, len: usize) -> Mmap {
+    // SAFETY: the test's own file, not changed while mapped.
+    unsafe { MmapOptions::new().offset(offset).len(len).map(file) }.expect("map")
 }

@@ -266,3 +266,20 @@ async fn a_body_survives_its_file_being_removed() {
     }
     assert_eq!(received, content);
 }
+
+#[tokio::test]
+async fn windows_not_in_the_page_cache_are_read_in_off_the_runtime() {
+    use super::mapped::{evict_from_page_cache, map_unadvised, resident, MappedChunks};
+    let dir = tempfile::tempdir().unwrap();
+    let (file, content) = patterned_file(dir.path(), 5 << 20);
+    file.sync_all().unwrap();
+    // The residency probe, on a window that starts off a page boundary.
+    let window = map_unadvised(&file, 3, 1 << 20);
+    assert!(resident(&window), "just written");
+    assert!(evict_from_page_cache(&file), "posix_fadvise(DONTNEED)");
+    assert!(!resident(&window), "evicted");
+    drop(window);
+    let body = MappedChunks::new(Arc::clone(&file), 3, 5 << 20).unwrap();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&bytes[..], &content[3..]);
+}
