@@ -219,4 +219,36 @@ async fn a_client_that_stops_reading_is_disconnected_after_the_send_timeout() {
         "the stalled response was cut short ({} bytes)",
         received.len()
     );
+
+    // A slow client that keeps reading is never cut off, however long the whole transfer takes:
+    // the limit is on a pause, and each pause here (0.4 s) is shorter than it.
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut response = Vec::new();
+    let mut buffer = vec![0u8; 4 << 20];
+    loop {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let read = slow.read(&mut buffer).await.expect("never reset");
+        if read == 0 {
+            break;
+        }
+        response.extend_from_slice(&buffer[..read]);
+        assert!(started.elapsed() < Duration::from_secs(60), "bounded");
+    }
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers")
+        + 4;
+    assert_eq!(&response[head_end..], &content[..], "the whole blob");
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "slow enough to have stalled past the limit in total ({:?})",
+        started.elapsed()
+    );
 }

@@ -141,6 +141,11 @@ pub enum BlobBody {
 impl BlobBody {
     /// `[offset, end)` of `blob`, which stays leased until the body is dropped.
     pub fn new(blob: BlobFile, offset: u64, end: u64) -> Self {
+        if let Some(map) = blob.lease.store.small_blob_map(&blob) {
+            return Self::Mapped(
+                MappedChunks::from_shared(map, offset, end).with_lease(blob.lease),
+            );
+        }
         match MappedChunks::new(Arc::clone(&blob.file), offset, end) {
             Ok(mapped) => Self::Mapped(mapped.with_lease(blob.lease)),
             Err(error) => {

@@ -96,11 +96,16 @@ pub struct Store {
     /// Manifests are small and asked for on every pull: their bytes are kept in memory too, so a
     /// warm manifest request touches no file. Entries leave with their file (eviction, `forget`).
     hot_manifests: moka::sync::Cache<Digest, StoredManifest>,
+    /// Small blobs stay mapped between requests (see [`mapped::SharedMap`]); they leave with
+    /// their file too. Mapped pages that were read count in RSS, hence a small budget.
+    small_blob_maps: moka::sync::Cache<Digest, mapped::SharedMap>,
     metrics: Arc<Metrics>,
 }
 
 /// Memory for [`Store::hot_manifests`], in bytes.
 const HOT_MANIFEST_BYTES: u64 = 64 << 20;
+/// Mapped bytes for [`Store::small_blob_maps`]; blobs up to one map window qualify.
+const SMALL_BLOB_MAP_BYTES: u64 = 8 << 20;
 
 /// A committed blob opened for reading; it cannot be evicted while this lives.
 pub struct BlobFile {
@@ -185,6 +190,10 @@ impl Store {
                         .unwrap_or(u32::MAX)
                 })
                 .build(),
+            small_blob_maps: moka::sync::Cache::builder()
+                .max_capacity(SMALL_BLOB_MAP_BYTES)
+                .weigher(|_, map: &mapped::SharedMap| u32::try_from(map.len()).unwrap_or(u32::MAX))
+                .build(),
             metrics,
         });
         store.evict_to_fit();
@@ -226,6 +235,7 @@ impl Store {
     /// Forgets an entry whose file vanished from under the index.
     fn forget(&self, key: &Key) {
         self.hot_manifests.invalidate(&key.digest);
+        self.small_blob_maps.invalidate(&key.digest);
         let mut index = self.lock_index();
         if let Some(size) = index.lru.pop(key) {
             index.total_bytes -= size;
@@ -261,6 +271,21 @@ impl Store {
                 None
             }
         }
+    }
+
+    /// The shared mapping of a small committed blob, made on first use; `None` when the blob is
+    /// empty, larger than one map window, or cannot be mapped.
+    fn small_blob_map(&self, blob: &BlobFile) -> Option<mapped::SharedMap> {
+        if blob.size == 0 || blob.size > mapped::MAP_WINDOW as u64 {
+            return None;
+        }
+        let digest = &blob.lease.key.digest;
+        if let Some(map) = self.small_blob_maps.get(digest) {
+            return Some(map);
+        }
+        let map = mapped::SharedMap::new(Arc::clone(&blob.file), blob.size).ok()?;
+        self.small_blob_maps.insert(digest.clone(), map.clone());
+        Some(map)
     }
 
     pub async fn read_manifest(self: &Arc<Self>, digest: &Digest) -> Option<StoredManifest> {
@@ -347,6 +372,7 @@ impl Store {
                 }
                 index.total_bytes -= size;
                 self.hot_manifests.invalidate(&key.digest);
+                self.small_blob_maps.invalidate(&key.digest);
                 victims.push(key);
             }
             // Pinned entries go back as least recently used: first out once their readers finish.

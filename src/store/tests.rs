@@ -283,3 +283,27 @@ async fn windows_not_in_the_page_cache_are_read_in_off_the_runtime() {
     let bytes = body.collect().await.unwrap().to_bytes();
     assert_eq!(&bytes[..], &content[3..]);
 }
+
+#[tokio::test]
+async fn small_blobs_stay_mapped_between_requests_until_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Some(1_500_000));
+    let content: Vec<u8> = (0..1_000_000u32).map(|i| (i % 239) as u8).collect();
+    let small = put_blob(&store, &content).await;
+    assert!(!store.small_blob_maps.contains_key(&small));
+    assert_eq!(read_all(&store, &small).await, content);
+    assert!(store.small_blob_maps.contains_key(&small), "mapped once");
+    assert_eq!(read_all(&store, &small).await, content, "and served again");
+    let blob = store.open_blob(&small).await.unwrap();
+    let ranged = BlobBody::new(blob, 999_990, 1_000_000)
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(&ranged.to_bytes()[..], &content[999_990..]);
+
+    // A second blob that does not fit with it evicts it, and its mapping with it.
+    let other = put_blob(&store, &[9u8; 900_000]).await;
+    assert!(!store.contains_blob(&small));
+    assert!(!store.small_blob_maps.contains_key(&small));
+    assert_eq!(read_all(&store, &other).await, vec![9u8; 900_000]);
+}
