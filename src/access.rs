@@ -6,8 +6,8 @@
 //! never the password itself).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -63,7 +63,9 @@ struct Rule {
 }
 
 pub struct Access {
-    users: HashMap<String, String>,
+    htpasswd: PathBuf,
+    /// User → bcrypt hash; replaced whole by [`Access::reload`].
+    users: RwLock<HashMap<String, String>>,
     realm: String,
     anonymous_pull: bool,
     rules: Vec<Rule>,
@@ -72,34 +74,9 @@ pub struct Access {
 
 impl Access {
     pub fn load(config: &ClientAuth) -> Result<Self, AccessError> {
-        let path = &config.htpasswd;
-        let text = std::fs::read_to_string(path).map_err(|source| AccessError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let mut users = HashMap::new();
-        for (index, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let entry_error = |reason: &str| AccessError::Entry {
-                path: path.clone(),
-                line: index + 1,
-                reason: reason.to_owned(),
-            };
-            let (user, hash) = line
-                .split_once(':')
-                .ok_or_else(|| entry_error("expected user:hash"))?;
-            if !hash.starts_with("$2") {
-                return Err(entry_error(
-                    "only bcrypt entries are accepted (htpasswd -B)",
-                ));
-            }
-            users.insert(user.to_owned(), hash.to_owned());
-        }
         Ok(Self {
-            users,
+            users: RwLock::new(read_htpasswd(&config.htpasswd)?),
+            htpasswd: config.htpasswd.clone(),
             realm: config.realm.0.clone(),
             anonymous_pull: config.anonymous_pull,
             rules: config
@@ -112,6 +89,20 @@ impl Access {
                 .collect(),
             verified: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Reads the htpasswd file again (SIGHUP). On success it replaces every user and forgets
+    /// remembered password checks, so a removed user or changed password takes effect at once;
+    /// on error the current users stay. Returns how many users there are now.
+    pub fn reload(&self) -> Result<usize, AccessError> {
+        let users = read_htpasswd(&self.htpasswd)?;
+        let count = users.len();
+        *self.users.write().unwrap_or_else(|e| e.into_inner()) = users;
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        Ok(count)
     }
 
     /// `WWW-Authenticate` for a 401: Basic, which docker login, containerd and podman all speak.
@@ -128,7 +119,13 @@ impl Access {
         let Some((user, password)) = basic_credentials(value) else {
             return Identity::Rejected;
         };
-        let Some(hash) = self.users.get(&user).cloned() else {
+        let hash = self
+            .users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&user)
+            .cloned();
+        let Some(hash) = hash else {
             return Identity::Rejected;
         };
         let key = (user.clone(), Sha256::digest(password.as_bytes()).into());
@@ -141,12 +138,24 @@ impl Access {
                 return Identity::User(user);
             }
         }
+        let checked_hash = hash.clone();
         let matches =
             tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
                 .await
                 .unwrap_or(false);
         if !matches {
             return Identity::Rejected;
+        }
+        // A reload during the check may have removed the user or changed the password: the
+        // answer stands for this request, but is only remembered if the hash is still current.
+        let current = self
+            .users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&user)
+            == Some(&checked_hash);
+        if !current {
+            return Identity::User(user);
         }
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if verified.len() >= MAX_VERIFIED {
@@ -206,6 +215,36 @@ fn refuse(identity: &Identity) -> Decision {
         Identity::User(_) => Decision::Deny,
         _ => Decision::Authenticate,
     }
+}
+
+/// `user:hash` lines, bcrypt only; blank lines and `#` comments are skipped.
+fn read_htpasswd(path: &Path) -> Result<HashMap<String, String>, AccessError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AccessError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut users = HashMap::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let entry_error = |reason: &str| AccessError::Entry {
+            path: path.to_owned(),
+            line: index + 1,
+            reason: reason.to_owned(),
+        };
+        let (user, hash) = line
+            .split_once(':')
+            .ok_or_else(|| entry_error("expected user:hash"))?;
+        if !hash.starts_with("$2") {
+            return Err(entry_error(
+                "only bcrypt entries are accepted (htpasswd -B)",
+            ));
+        }
+        users.insert(user.to_owned(), hash.to_owned());
+    }
+    Ok(users)
 }
 
 fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {

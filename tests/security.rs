@@ -266,3 +266,62 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
         StatusCode::OK
     );
 }
+
+/// SIGHUP re-reads the htpasswd file: added users get in, removed users and changed passwords
+/// are refused at once (remembered checks are forgotten), and a broken file changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_htpasswd_file() {
+    let upstream =
+        common::fake::Fake::start(|_| common::fake::Scripted::new(StatusCode::NOT_FOUND)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = htpasswd(dir.path());
+    let extra = format!("auth:\n  htpasswd: {}\n", users.display());
+    let options = Options {
+        extra: &extra,
+        ..Options::default()
+    };
+    let mut gantry = GantryProcess::configure(dir.path(), &upstream.url(), options);
+    gantry.start().await;
+    let url = gantry.url("/v2/");
+    let status = |user: &'static str, password: &'static str| {
+        let url = url.clone();
+        async move {
+            let credentials = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            );
+            http_get(&url, &[("authorization", &credentials)])
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    assert_eq!(status("alice", "alice-pw").await, StatusCode::OK);
+    assert_eq!(status("bob", "bob-pw").await, StatusCode::OK);
+    assert_eq!(status("carol", "carol-pw").await, StatusCode::UNAUTHORIZED);
+
+    // Bob leaves, Alice changes her password, Carol arrives.
+    let alice = bcrypt::hash("alice-new", 5).unwrap();
+    let carol = bcrypt::hash("carol-pw", 5).unwrap();
+    std::fs::write(&users, format!("alice:{alice}\ncarol:{carol}\n")).unwrap();
+    gantry.signal("HUP");
+    let reloaded = common::wait_until(Duration::from_secs(10), || async {
+        status("carol", "carol-pw").await == StatusCode::OK
+    })
+    .await;
+    assert!(reloaded, "the new user gets in after SIGHUP");
+    assert_eq!(status("alice", "alice-new").await, StatusCode::OK);
+    assert_eq!(
+        status("alice", "alice-pw").await,
+        StatusCode::UNAUTHORIZED,
+        "the old password, though checked and remembered before, is refused"
+    );
+    assert_eq!(status("bob", "bob-pw").await, StatusCode::UNAUTHORIZED);
+
+    // A file that does not load leaves the users in place.
+    std::fs::write(&users, "alice:plaintext-is-refused\n").unwrap();
+    gantry.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status("carol", "carol-pw").await, StatusCode::OK);
+    assert_eq!(status("alice", "alice-new").await, StatusCode::OK);
+}

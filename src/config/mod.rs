@@ -46,7 +46,7 @@ pub struct Tls {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuth {
-    /// An htpasswd file with bcrypt entries (`htpasswd -B`).
+    /// An htpasswd file with bcrypt entries (`htpasswd -B`); read again on SIGHUP.
     pub htpasswd: PathBuf,
     /// The realm named in `WWW-Authenticate: Basic realm=...`.
     #[serde(default = "default_realm")]

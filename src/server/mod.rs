@@ -136,7 +136,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(auth) => Some(Arc::new(Access::load(auth)?)),
         None => None,
     };
-    let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access);
+    let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone());
     let api_metrics = Arc::clone(&metrics);
     let handler = move |request: Request<Incoming>| {
         let api = api.clone();
@@ -154,8 +154,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tls.clone(),
         shutdown_rx.clone(),
     ))];
-    if let Some(tls) = tls {
-        tasks.push(tokio::spawn(reload_on_sighup(tls, shutdown_rx.clone())));
+    if tls.is_some() || access.is_some() {
+        tasks.push(tokio::spawn(reload_on_sighup(
+            tls,
+            access,
+            shutdown_rx.clone(),
+        )));
     }
     if let Some(admin_listener) = admin_listener {
         let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics));
@@ -182,22 +186,37 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })
 }
 
-/// Re-reads the TLS certificate and key on every SIGHUP until shutdown.
-async fn reload_on_sighup(tls: Arc<TlsState>, mut shutdown: watch::Receiver<bool>) {
+/// Re-reads the TLS certificate and key, and the htpasswd file, on every SIGHUP until shutdown.
+/// A file that fails to load leaves what is in use untouched.
+async fn reload_on_sighup(
+    tls: Option<Arc<TlsState>>,
+    access: Option<Arc<Access>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
         Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGHUP: certificates will not be reloaded");
+            tracing::warn!(%error, "cannot listen for SIGHUP: certificates and users will not be reloaded");
             return;
         }
     };
     loop {
         tokio::select! {
-            _ = hangups.recv() => match tls.reload() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                Err(error) => tracing::error!(%error, "SIGHUP: keeping the current certificate"),
-            },
+            _ = hangups.recv() => {
+                if let Some(tls) = &tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Err(error) => tracing::error!(%error, "SIGHUP: keeping the current certificate"),
+                    }
+                }
+                if let Some(access) = &access {
+                    match access.reload() {
+                        Ok(users) => tracing::info!(users, "SIGHUP: htpasswd reloaded"),
+                        Err(error) => tracing::error!(%error, "SIGHUP: keeping the current users"),
+                    }
+                }
+            }
             _ = shutdown.changed() => return,
         }
     }
