@@ -6,6 +6,7 @@ mod common;
 
 use base64::Engine as _;
 use common::fake::{Fake, Scripted};
+use common::process::GantryProcess;
 use common::{
     file_digest, http_get, pull, require_tools, skopeo, Gantry, Layout, Options, ACCEPT_ALL,
 };
@@ -248,4 +249,67 @@ async fn unknown_registries_are_refused_unless_any_is_allowed() {
     assert_eq!(refused.status, StatusCode::NOT_FOUND);
     assert_eq!(refused.error_code().as_deref(), Some("NAME_UNKNOWN"));
     assert!(upstream.seen().is_empty());
+}
+
+/// `allow_any_registry`: a registry nobody configured, named by the client, is mirrored over
+/// https, anonymously. The upstream is a real docker-registry serving TLS with a test CA that
+/// gantry is told to trust through `SSL_CERT_FILE` (read by rustls-native-certs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_registry_a_client_names_is_mirrored_over_https() {
+    if !require_tools(&["docker-registry", "skopeo", "openssl"]) {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, certificate, key) = common::clients::test_certificate(certs.path());
+    let registry = common::Registry::start_tls(&certificate, &key).await;
+    let digest = push_image(&registry.host(), 31, None).await;
+    let default_upstream = Fake::start(|_| Scripted::new(StatusCode::NOT_FOUND)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        extra: "allow_any_registry: true",
+        ..Options::default()
+    };
+    let mut gantry = GantryProcess::configure(dir.path(), &default_upstream.url(), options);
+    gantry.env("SSL_CERT_FILE", &ca.display().to_string());
+    gantry.start().await;
+    let host = registry.host();
+    for path in [
+        format!("/v2/{host}/team/app/manifests/v1"),
+        format!("/v2/team/app/manifests/v1?ns={host}"),
+    ] {
+        let reply = http_get(&gantry.url(&path), &[("accept", ACCEPT_ALL)])
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", gantry.log());
+        assert_eq!(reply.header("docker-content-digest"), Some(digest.as_str()));
+    }
+    // The blobs too (a docker reference cannot carry `host:port` as a path component, so no
+    // skopeo pull here; containerd and docker use `ns=` and the plain path).
+    let manifest = http_get(
+        &gantry.url(&format!("/v2/team/app/manifests/{digest}?ns={host}")),
+        &[("accept", ACCEPT_ALL)],
+    )
+    .await
+    .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest.body).unwrap();
+    let mut blobs = vec![manifest["config"]["digest"].as_str().unwrap().to_owned()];
+    for layer in manifest["layers"].as_array().unwrap() {
+        blobs.push(layer["digest"].as_str().unwrap().to_owned());
+    }
+    for blob in blobs {
+        let reply = http_get(
+            &gantry.url(&format!("/v2/{host}/team/app/blobs/{blob}")),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&reply.body)));
+        assert_eq!(actual, blob);
+    }
+    assert!(
+        default_upstream.seen().is_empty(),
+        "nothing went to the default source"
+    );
 }

@@ -15,6 +15,8 @@ pub struct GantryProcess {
     /// stdout and stderr of every run, appended.
     log: PathBuf,
     child: Option<Child>,
+    /// Extra environment for the process, e.g. `SSL_CERT_FILE` for a test CA.
+    env: Vec<(String, String)>,
 }
 
 impl GantryProcess {
@@ -31,7 +33,13 @@ impl GantryProcess {
             config,
             log: dir.join("gantry.log"),
             child: None,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for every later start.
+    pub fn env(&mut self, name: &str, value: &str) {
+        self.env.push((name.to_owned(), value.to_owned()));
     }
 
     /// Starts (or restarts) the process; does not wait for it to serve.
@@ -44,6 +52,7 @@ impl GantryProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_gantry"))
             .args(["serve", "--config"])
             .arg(&self.config)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .kill_on_drop(true)

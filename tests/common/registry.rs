@@ -24,6 +24,7 @@ pub struct Registry {
     pub addr: SocketAddr,
     child: Child,
     pub dir: TempDir,
+    tls: bool,
 }
 
 impl Registry {
@@ -33,6 +34,16 @@ impl Registry {
 
     /// With `Some(htpasswd_line)`, the registry requires Basic auth (realm `basic-realm`).
     pub async fn start_with_auth(htpasswd: Option<&str>) -> Self {
+        Self::start_configured(htpasswd, None).await
+    }
+
+    /// Serving HTTPS with `(certificate, key)`; `host()` is then `localhost:PORT`, the name the
+    /// test certificate is for.
+    pub async fn start_tls(certificate: &Path, key: &Path) -> Self {
+        Self::start_configured(None, Some((certificate, key))).await
+    }
+
+    async fn start_configured(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let auth = match htpasswd {
@@ -45,8 +56,16 @@ impl Registry {
             }
             None => String::new(),
         };
+        let tls_lines = match tls {
+            Some((certificate, key)) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                certificate.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls_lines}{auth}",
             root = dir.path().join("storage").display(),
         );
         let config_path = dir.path().join("config.yml");
@@ -64,7 +83,13 @@ impl Registry {
         let url = format!("http://{addr}/v2/");
         let up = wait_until(Duration::from_secs(20), || {
             let url = url.clone();
-            async move { http_get(&url, &[]).await.is_ok() }
+            async move {
+                match tls {
+                    // Up once it accepts connections (the harness client speaks plain HTTP).
+                    Some(_) => tokio::net::TcpStream::connect(addr).await.is_ok(),
+                    None => http_get(&url, &[]).await.is_ok(),
+                }
+            }
         })
         .await;
         assert!(
@@ -72,11 +97,20 @@ impl Registry {
             "docker-registry did not come up; its log:\n{}",
             Self::read_log(dir.path())
         );
-        Self { addr, child, dir }
+        Self {
+            addr,
+            child,
+            dir,
+            tls: tls.is_some(),
+        }
     }
 
     pub fn host(&self) -> String {
-        self.addr.to_string()
+        if self.tls {
+            format!("localhost:{}", self.addr.port())
+        } else {
+            self.addr.to_string()
+        }
     }
 
     fn read_log(dir: &Path) -> String {
