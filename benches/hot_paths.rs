@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use gantry::api::{resolve_range, Route};
 use gantry::metrics::Metrics;
 use gantry::oci::{AcceptSet, Algorithm, Digest, DigestHasher, RepoName};
-use gantry::store::{BlobBody, FileChunks, Store};
+use gantry::store::{BlobBody, FileChunks, Store, StoreOptions};
 use gantry::tags::{TagEntry, Tags};
 
 /// The Accept header containerd sends for a manifest by tag.
@@ -99,7 +99,12 @@ fn tag_lookup(c: &mut Criterion) {
 fn warm_blob(c: &mut Criterion) {
     let runtime = current_thread();
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path(), None, Arc::new(Metrics::new())).expect("store");
+    let store = Store::open(
+        dir.path(),
+        StoreOptions::default(),
+        Arc::new(Metrics::new()),
+    )
+    .expect("store");
     let content: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
     let digest = Digest::of(Algorithm::Sha256, &content);
     runtime.block_on(async {

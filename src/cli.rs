@@ -132,14 +132,17 @@ pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
         Err(code) => return code,
     };
     let _log_writer = init_logging(&config);
-    let max_size = config.storage.max_size.map(|s| s.0);
-    let result =
-        Store::open(&config.storage.path, max_size, Arc::new(Metrics::new())).and_then(|store| {
-            if verify {
-                store.verify_all()?;
-            }
-            Ok(store.usage())
-        });
+    let result = Store::open(
+        &config.storage.path,
+        config.storage.options(),
+        Arc::new(Metrics::new()),
+    )
+    .and_then(|store| {
+        if verify {
+            store.verify_all()?;
+        }
+        Ok(store.usage())
+    });
     match result {
         Ok((bytes, entries)) => {
             println!(

@@ -79,6 +79,18 @@ pub struct Storage {
     pub path: PathBuf,
     /// Least recently used blobs are evicted above this size.
     pub max_size: Option<ByteSize>,
+    /// Serve blobs from memory mappings of their files. Off for network filesystems: there a
+    /// read error on a mapped page kills the process (SIGBUS) instead of failing one request.
+    pub mmap: bool,
+}
+
+impl Storage {
+    pub fn options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            max_size: self.max_size.map(|size| size.0),
+            map_files: self.mmap,
+        }
+    }
 }
 
 /// The default upstream; the names are those of the classic docker-registry mirror settings.
@@ -316,6 +328,7 @@ impl Default for Storage {
         Self {
             path: PathBuf::from("./data"),
             max_size: None,
+            mmap: true,
         }
     }
 }

@@ -84,9 +84,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let store = {
         let path = config.storage.path.clone();
-        let max_size = config.storage.max_size.map(|s| s.0);
+        let options = config.storage.options();
         let metrics = Arc::clone(&metrics);
-        tokio::task::spawn_blocking(move || Store::open(&path, max_size, metrics)).await??
+        tokio::task::spawn_blocking(move || Store::open(&path, options, metrics)).await??
     };
     let redis = match &config.cache.redis {
         Some(url) => Some(RedisTags::new(url.expose())?),

@@ -141,6 +141,9 @@ pub enum BlobBody {
 impl BlobBody {
     /// `[offset, end)` of `blob`, which stays leased until the body is dropped.
     pub fn new(blob: BlobFile, offset: u64, end: u64) -> Self {
+        if !blob.lease.store.map_files {
+            return Self::Read(FileChunks::new(blob.file, offset, end, Some(blob.lease)));
+        }
         if let Some(map) = blob.lease.store.small_blob_map(&blob) {
             return Self::Mapped(
                 MappedChunks::from_shared(map, offset, end).with_lease(blob.lease),

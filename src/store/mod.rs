@@ -89,9 +89,29 @@ struct Index {
     pins: HashMap<Key, usize>,
 }
 
+/// How a store is run (from the `storage:` config section).
+#[derive(Clone, Copy, Debug)]
+pub struct StoreOptions {
+    /// Least recently used entries are evicted above this many bytes.
+    pub max_size: Option<u64>,
+    /// Serve blobs from memory mappings of their files (`storage.mmap`).
+    pub map_files: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_size: None,
+            map_files: true,
+        }
+    }
+}
+
 pub struct Store {
     root: PathBuf,
     max_size: Option<u64>,
+    /// See [`StoreOptions::map_files`].
+    map_files: bool,
     index: Mutex<Index>,
     /// Manifests are small and asked for on every pull: their bytes are kept in memory too, so a
     /// warm manifest request touches no file. Entries leave with their file (eviction, `forget`).
@@ -152,9 +172,10 @@ impl Store {
     /// last use, and evicts down to `max_size`.
     pub fn open(
         root: &Path,
-        max_size: Option<u64>,
+        options: StoreOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
+        let max_size = options.max_size;
         for dir in ["blobs", "manifests"] {
             std::fs::create_dir_all(root.join(dir)).map_err(io_error(root))?;
         }
@@ -178,6 +199,7 @@ impl Store {
         let store = Arc::new(Self {
             root: root.to_owned(),
             max_size,
+            map_files: options.map_files,
             index: Mutex::new(Index {
                 lru,
                 total_bytes,

@@ -8,7 +8,11 @@ use super::*;
 use crate::oci::{Algorithm, Digest};
 
 fn open(dir: &Path, max: Option<u64>) -> Arc<Store> {
-    Store::open(dir, max, Arc::new(Metrics::new())).unwrap()
+    let options = StoreOptions {
+        max_size: max,
+        map_files: true,
+    };
+    Store::open(dir, options, Arc::new(Metrics::new())).unwrap()
 }
 
 async fn put_blob(store: &Arc<Store>, content: &[u8]) -> Digest {
@@ -306,4 +310,24 @@ async fn small_blobs_stay_mapped_between_requests_until_evicted() {
     assert!(!store.contains_blob(&small));
     assert!(!store.small_blob_maps.contains_key(&small));
     assert_eq!(read_all(&store, &other).await, vec![9u8; 900_000]);
+}
+
+#[tokio::test]
+async fn with_mapping_off_blobs_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        max_size: None,
+        map_files: false,
+    };
+    let store = Store::open(dir.path(), options, Arc::new(Metrics::new())).unwrap();
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 233) as u8).collect();
+    let digest = put_blob(&store, &content).await;
+    let blob = store.open_blob(&digest).await.unwrap();
+    let body = BlobBody::new(blob, 0, content.len() as u64);
+    assert!(
+        matches!(body, BlobBody::Read(_)),
+        "storage.mmap: false reads"
+    );
+    assert_eq!(&body.collect().await.unwrap().to_bytes()[..], &content[..]);
+    assert!(!store.small_blob_maps.contains_key(&digest));
 }
