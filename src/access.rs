@@ -105,6 +105,15 @@ impl Access {
         Ok(count)
     }
 
+    /// The user's bcrypt hash in the htpasswd file as last loaded.
+    fn hash_of(&self, user: &str) -> Option<String> {
+        self.users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .cloned()
+    }
+
     /// `WWW-Authenticate` for a 401: Basic, which docker login, containerd and podman all speak.
     pub fn challenge(&self) -> HeaderValue {
         HeaderValue::from_str(&format!("Basic realm=\"{}\"", self.realm.replace('"', "")))
@@ -119,13 +128,7 @@ impl Access {
         let Some((user, password)) = basic_credentials(value) else {
             return Identity::Rejected;
         };
-        let hash = self
-            .users
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&user)
-            .cloned();
-        let Some(hash) = hash else {
+        let Some(hash) = self.hash_of(&user) else {
             return Identity::Rejected;
         };
         let key = (user.clone(), Sha256::digest(password.as_bytes()).into());
@@ -148,13 +151,7 @@ impl Access {
         }
         // A reload during the check may have removed the user or changed the password: the
         // answer stands for this request, but is only remembered if the hash is still current.
-        let current = self
-            .users
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&user)
-            == Some(&checked_hash);
-        if !current {
+        if self.hash_of(&user).as_ref() != Some(&checked_hash) {
             return Identity::User(user);
         }
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,21 +11,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::fake::{Ending, Fake, Scripted};
 use common::{
-    file_digest, http_get, pull, require_tools, wait_until, Fixture, Gantry, Layout, Options,
+    blob_path, dir_is_empty, file_digest, http_get, pull, require_tools, wait_until, Fixture,
+    Gantry, Layout, Options,
 };
 use http::StatusCode;
 use sha2::Digest as _;
-
-fn blob_path(store: &Path, digest: &str) -> std::path::PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    store.join("blobs/sha256").join(&hex[..2]).join(hex)
-}
-
-fn dir_is_empty(dir: &Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(true)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_cold_pulls_fetch_each_blob_once() {

@@ -36,12 +36,17 @@ fn done(test: &str, started: Instant) {
     eprintln!("{test}: {:.1}s", started.elapsed().as_secs_f64());
 }
 
-/// gantry's config lines for an extra upstream.
-fn registries_yaml(host: &str, hub: &Hub) -> String {
-    format!(
+/// gantry mirroring `hub` by default and `other` as the configured registry `host`.
+async fn gantry_with_registry(hub: &Hub, host: &str, other: &Hub) -> Gantry {
+    let extra = format!(
         "registries:\n  - host: \"{host}\"\n    url: {}\n    insecure: true\n",
-        hub.proxy.url()
-    )
+        other.proxy.url()
+    );
+    let options = Options {
+        extra: &extra,
+        ..Options::default()
+    };
+    Gantry::start_with(tempfile::tempdir().unwrap(), &hub.proxy.url(), options).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -565,16 +570,7 @@ async fn containerd_pulls_from_a_configured_registry(host: &str, seed: u64) {
     let started = Instant::now();
     let hub = Hub::start("library", seed).await;
     let other = Hub::start("team", seed + 10).await;
-    let extra = registries_yaml(host, &other);
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &hub.proxy.url(),
-        Options {
-            extra: &extra,
-            ..Options::default()
-        },
-    )
-    .await;
+    let gantry = gantry_with_registry(&hub, host, &other).await;
     let trap = Trap::start().await;
     let hosts = tempfile::tempdir().unwrap();
     Containerd::write_hosts_toml(
@@ -692,16 +688,7 @@ async fn podman_mirror_location_with_a_registry_prefix() {
     let hub = Hub::start("library", 900).await;
     let other = Hub::start("team", 1000).await;
     let host = "other.example";
-    let extra = registries_yaml(host, &other);
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &hub.proxy.url(),
-        Options {
-            extra: &extra,
-            ..Options::default()
-        },
-    )
-    .await;
+    let gantry = gantry_with_registry(&hub, host, &other).await;
     let trap = Trap::start().await;
     let conf_dir = tempfile::tempdir().unwrap();
     let conf = conf_dir.path().join("registries.conf");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::fake::{Ending, Fake, Scripted};
 use common::process::GantryProcess;
-use common::{http_get, wait_until, Gantry, Options};
+use common::{blob_path, dir_is_empty, http_get, wait_until, Gantry, Options};
 use http::StatusCode;
 use sha2::Digest as _;
 
@@ -23,17 +23,6 @@ fn blob(size: usize, seed: u8) -> (Bytes, String) {
         .collect();
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
     (Bytes::from(content), digest)
-}
-
-fn blob_path(store: &Path, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    store.join("blobs/sha256").join(&hex[..2]).join(hex)
-}
-
-fn dir_is_empty(dir: &Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(true)
 }
 
 /// Serves the given blobs by digest; `mode`: 0 good, 1 stall halfway, 2 short body, 3 500, 4 429.

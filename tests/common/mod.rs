@@ -16,7 +16,7 @@ pub mod redis;
 pub mod registry;
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -80,6 +80,19 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Where gantry's store keeps a committed blob (`storage.path` = `store`).
+pub fn blob_path(store: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    store.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// True for an empty or missing directory (a store's `tmp/` after downloads end).
+pub fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
 }
 
 /// Polls `check` every 50 ms until it is true or `limit` passes.
