@@ -11,6 +11,7 @@
 pub mod clients;
 pub mod fake;
 pub mod images;
+pub mod metrics;
 pub mod process;
 pub mod redis;
 pub mod registry;
