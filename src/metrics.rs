@@ -35,6 +35,11 @@ pub struct Metrics {
     /// Tag revalidations by result (`unchanged`, `changed`, `failed`).
     pub tag_revalidations: IntCounterVec,
     pub redis_errors: IntCounter,
+    /// Connections refused by the address policy of registries named by clients, by address class.
+    pub outbound_refused: IntCounterVec,
+    /// Cached blobs and manifests asked for under a repository not yet known to reference them,
+    /// by what the upstream said (`linked`, `refused`, `failed`).
+    pub repository_checks: IntCounterVec,
 }
 
 impl Metrics {
@@ -133,6 +138,16 @@ impl Metrics {
             redis_errors: counter(
                 "gantry_redis_errors_total",
                 "Redis operations that failed (treated as misses).",
+            ),
+            outbound_refused: counter_vec(
+                "gantry_outbound_refused_total",
+                "Upstream connections refused because a registry named by a client resolved to a non-public address, by address class.",
+                &["class"],
+            ),
+            repository_checks: counter_vec(
+                "gantry_repository_checks_total",
+                "Cached content asked for under a repository not known to reference it, checked with the upstream, by result (linked, refused, failed).",
+                &["result"],
             ),
             registry,
         }

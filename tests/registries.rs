@@ -266,8 +266,10 @@ async fn any_registry_a_client_names_is_mirrored_over_https() {
     let default_upstream = Fake::start(|_| Scripted::new(StatusCode::NOT_FOUND)).await;
 
     let dir = tempfile::tempdir().unwrap();
+    // The test registry is on loopback, which a registry named by a client may reach only when
+    // the operator allows it (tests/ssrf.rs shows the refusal).
     let options = Options {
-        extra: "allow_any_registry: true",
+        extra: "allow_any_registry: true\nallow_any_registry_networks: [127.0.0.1/32]",
         ..Options::default()
     };
     let mut gantry = GantryProcess::configure(dir.path(), &default_upstream.url(), options);

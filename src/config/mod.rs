@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use values::{substitute_env, BaseUrl, ByteSize, ListenAddr, Seconds, Secret, Text};
+pub use values::{substitute_env, BaseUrl, ByteSize, ListenAddr, Network, Seconds, Secret, Text};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,6 +29,9 @@ pub struct Config {
     pub registries: Vec<Registry>,
     /// Serve any https registry a client names, anonymously (an open proxy: off by default).
     pub allow_any_registry: bool,
+    /// Networks a registry named by a client (under `allow_any_registry`) may resolve to although
+    /// they are not public: loopback, private, link-local and the like are refused otherwise.
+    pub allow_any_registry_networks: Vec<Network>,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: Log,
@@ -316,6 +319,7 @@ impl Default for Config {
             cache: Cache::default(),
             registries: Vec::new(),
             allow_any_registry: false,
+            allow_any_registry_networks: Vec::new(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log: Log::default(),
@@ -492,6 +496,12 @@ impl Config {
                     ));
                 }
             }
+        }
+        if !self.allow_any_registry && !self.allow_any_registry_networks.is_empty() {
+            problems.push(
+                "allow_any_registry_networks: has no effect without `allow_any_registry: true`"
+                    .to_owned(),
+            );
         }
         if self.limits.max_downloads == 0 {
             problems.push("limits.max_downloads: must be at least 1".to_owned());

@@ -346,9 +346,111 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
+/// An address range in CIDR form (`10.20.0.0/16`, `fd00::/8`, or one address): an internal network
+/// an operator lets `allow_any_registry` reach on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    /// The first address of the range (host bits cleared).
+    pub base: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Network {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let invalid =
+            || format!("`{text}` is not a network: write e.g. `10.20.0.0/16` or `fd00::/8`");
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let address: std::net::IpAddr = address.trim().parse().map_err(|_| invalid())?;
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(prefix) => prefix
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(invalid)?,
+            None => bits,
+        };
+        Ok(Self {
+            base: mask(address, prefix),
+            prefix,
+        })
+    }
+
+    pub fn contains(&self, address: std::net::IpAddr) -> bool {
+        address.is_ipv4() == self.base.is_ipv4() && mask(address, self.prefix) == self.base
+    }
+}
+
+/// `address` with all but its first `prefix` bits cleared.
+fn mask(address: std::net::IpAddr, prefix: u8) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match address {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let kept = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((bits & kept).into())
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let kept = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((bits & kept).into())
+        }
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl Serialize for Network {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Network::parse(&Text::deserialize(deserializer)?.0).map_err(de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn networks() {
+        let private = Network::parse("10.20.30.40/16").unwrap();
+        assert_eq!(private.to_string(), "10.20.0.0/16");
+        assert!(private.contains("10.20.255.1".parse().unwrap()));
+        assert!(!private.contains("10.21.0.1".parse().unwrap()));
+        assert!(!private.contains("::ffff:10.20.0.1".parse().unwrap()));
+        let one = Network::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(Network::parse("fd00::/8")
+            .unwrap()
+            .contains("fdab::1".parse().unwrap()));
+        assert!(Network::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0/8",
+            "host/8",
+            "",
+            "10.0.0.0/x",
+        ] {
+            assert!(Network::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -26,7 +26,8 @@ use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::store::{BlobFile, Store};
 use crate::tags::{TagEntry, Tags};
 use crate::upstream::{
-    CredentialError, CredentialSource, Pool, Upstream, UpstreamBody, UpstreamError, UpstreamRequest,
+    AddressPolicy, CredentialError, CredentialSource, Pool, Upstream, UpstreamBody, UpstreamError,
+    UpstreamRequest,
 };
 
 /// Upstream error bodies are read for their OCI code; anything larger is not an error document.
@@ -192,7 +193,10 @@ impl Mirror {
             default_registry,
             by_host,
             any_registry: config.allow_any_registry.then(|| AnyRegistry {
-                pool,
+                // Hosts named by clients reach only public addresses, or the ranges allowed.
+                pool: pool.checked(AddressPolicy {
+                    allowed: config.allow_any_registry_networks.clone(),
+                }),
                 tags_ttl: config.mirroring.tags_cache_ttl.0,
                 seen: Mutex::new(HashMap::new()),
             }),
@@ -212,15 +216,19 @@ impl Mirror {
 
     /// The registry for a host name clients used, creating an anonymous https one when
     /// `allow_any_registry` is on.
-    fn registry_for(&self, host: &str) -> Option<Arc<Registry>> {
+    /// `Some(Err(reason))` for a host a client named that gantry will not dial.
+    fn registry_for(&self, host: &str) -> Option<Result<Arc<Registry>, String>> {
         let host = host.to_ascii_lowercase();
         if let Some(registry) = self.by_host.get(&host) {
-            return Some(Arc::clone(registry));
+            return Some(Ok(Arc::clone(registry)));
         }
         let any = self.any_registry.as_ref()?;
+        if let Err(reason) = dialable_host(&host) {
+            return Some(Err(reason));
+        }
         let mut seen = any.seen.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(registry) = seen.get(&host) {
-            return Some(Arc::clone(registry));
+            return Some(Ok(Arc::clone(registry)));
         }
         if seen.len() >= MAX_ANY_REGISTRIES {
             tracing::warn!(%host, "allow_any_registry: too many registries already; refusing a new one");
@@ -239,7 +247,7 @@ impl Mirror {
             docker_hub: is_docker_hub(&url),
         });
         seen.insert(host, Arc::clone(&registry));
-        Some(registry)
+        Some(Ok(registry))
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -259,18 +267,19 @@ impl Mirror {
                 format!("registry {host} is not mirrored here"),
             )
         };
+        let registry_named = |host: &str| match self.registry_for(host) {
+            Some(Ok(registry)) => Ok(registry),
+            Some(Err(reason)) => Err(OciError::new(ErrorCode::Denied, reason)),
+            None => Err(unknown(host)),
+        };
         let (registry, repo) = if let Some(ns) = ns {
-            let registry = looks_like_host(ns)
-                .then(|| self.registry_for(ns))
-                .flatten()
-                .ok_or_else(|| unknown(ns))?;
-            (registry, name)
+            if !looks_like_host(ns) {
+                return Err(unknown(ns).into());
+            }
+            (registry_named(ns)?, name)
         } else {
             match name.split_once('/') {
-                Some((first, rest)) if looks_like_host(first) => (
-                    self.registry_for(first).ok_or_else(|| unknown(first))?,
-                    rest,
-                ),
+                Some((first, rest)) if looks_like_host(first) => (registry_named(first)?, rest),
                 _ => (Arc::clone(&self.default_registry), name),
             }
         };
@@ -766,6 +775,29 @@ fn looks_like_host(component: &str) -> bool {
     labels_ok && port_ok && (host.contains('.') || port.is_some() || host == "localhost")
 }
 
+/// A host named by a client is dialed only as a DNS name or a dotted-quad IPv4 address. The other
+/// IPv4 spellings getaddrinfo accepts (`127.1`, `2130706433`, `0x7f.1`, `0177.0.0.1`) all end
+/// in a numeric label, which no DNS name does; refusing them keeps one reading of every host.
+fn dialable_host(authority: &str) -> Result<(), String> {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Ok(());
+    }
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let numeric = last.bytes().all(|b| b.is_ascii_digit())
+        || last
+            .strip_prefix("0x")
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if numeric {
+        return Err(format!(
+            "{host} is neither a host name nor a dotted-quad IPv4 address; gantry does not dial it"
+        ));
+    }
+    Ok(())
+}
+
 /// Failures of the upstream (not of the request) allow a cached tag to be served past its TTL.
 fn serves_stale(error: &MirrorError) -> bool {
     match error {
@@ -778,6 +810,11 @@ fn serves_stale(error: &MirrorError) -> bool {
 }
 
 pub(crate) fn upstream_failure(upstream: &Upstream, error: UpstreamError) -> MirrorError {
+    // A host the client named that resolves to a forbidden address is the request's fault: a
+    // clear 403, never a retryable 503 or a stale answer.
+    if let UpstreamError::Refused { source, .. } = &error {
+        return MirrorError::Request(OciError::new(ErrorCode::Denied, source.to_string()));
+    }
     MirrorError::Unavailable {
         registry: upstream.name().to_owned(),
         reason: error.to_string(),
@@ -810,6 +847,28 @@ pub(crate) async fn status_error(
 #[cfg(test)]
 mod tests {
     use super::looks_like_host;
+
+    #[test]
+    fn only_one_spelling_of_an_address_is_dialed() {
+        for host in [
+            "ghcr.io",
+            "127.0.0.1:5000",
+            "localhost:5000",
+            "my-registry.internal",
+        ] {
+            assert!(super::dialable_host(host).is_ok(), "{host}");
+        }
+        for host in [
+            "127.1",
+            "2130706433:80",
+            "0x7f.1",
+            "0177.0.0.1",
+            "0x7f000001",
+            "10.1",
+        ] {
+            assert!(super::dialable_host(host).is_err(), "{host}");
+        }
+    }
 
     #[test]
     fn hosts_are_told_from_repository_components() {

@@ -4,6 +4,7 @@
 //!
 //! This module knows *how* to fetch; whether to fetch at all is the mirror's decision.
 
+mod address;
 mod auth;
 mod credentials;
 
@@ -16,10 +17,11 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use address::Connector;
+pub use address::{classify, AddressClass, AddressPolicy, AddressRefused};
 pub use auth::{Challenge, Credentials};
 use auth::{TokenCache, TokenResponse};
 pub use credentials::{CredentialError, CredentialSource};
@@ -32,7 +34,7 @@ const MAX_REDIRECTS: usize = 5;
 const MAX_TOKEN_RESPONSE: usize = 64 << 10;
 const USER_AGENT_VALUE: &str = concat!("gantry/", env!("CARGO_PKG_VERSION"));
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<HttpsConnector<Connector>, Empty<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -62,6 +64,14 @@ pub enum UpstreamError {
     },
     #[error("{registry}: {reason}")]
     Redirect { registry: String, reason: String },
+    /// The address policy refused to connect (a registry a client named resolved to a
+    /// non-public address): the client's request is at fault, not the upstream.
+    #[error("{registry}: {source}")]
+    Refused {
+        registry: String,
+        #[source]
+        source: AddressRefused,
+    },
 }
 
 /// A request to an upstream: always body-less, so it can be re-sent after a challenge or redirect.
@@ -105,8 +115,20 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// The pool of configured registries: every address they resolve to is trusted.
     pub fn new(timeouts: Timeouts, metrics: Arc<Metrics>) -> Self {
-        let mut http = HttpConnector::new();
+        Self::build(timeouts, metrics, None)
+    }
+
+    /// A pool over the same settings whose connections go only where `policy` allows (for
+    /// registries named by clients; see [`address`]).
+    pub fn checked(&self, policy: AddressPolicy) -> Self {
+        Self::build(self.timeouts, Arc::clone(&self.metrics), Some(policy))
+    }
+
+    fn build(timeouts: Timeouts, metrics: Arc<Metrics>, policy: Option<AddressPolicy>) -> Self {
+        let mut connector = Connector::new(policy);
+        let http = connector.inner_mut();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeouts.connect));
         http.set_nodelay(true);
@@ -120,7 +142,7 @@ impl Pool {
             .with_tls_config(tls)
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(http);
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(32)
@@ -432,10 +454,24 @@ impl Upstream {
                 registry: self.name.clone(),
                 after: self.pool.timeouts.first_byte,
             }),
-            Ok(Err(source)) => Err(UpstreamError::Connect {
-                registry: self.name.clone(),
-                source,
-            }),
+            Ok(Err(source)) => match address::refusal(&source) {
+                Some(refused) => {
+                    self.pool
+                        .metrics
+                        .outbound_refused
+                        .with_label_values(&[refused.class.as_str()])
+                        .inc();
+                    tracing::warn!(registry = %self.name, error = %refused, "refused to connect");
+                    Err(UpstreamError::Refused {
+                        registry: self.name.clone(),
+                        source: refused.clone(),
+                    })
+                }
+                None => Err(UpstreamError::Connect {
+                    registry: self.name.clone(),
+                    source,
+                }),
+            },
             Ok(Ok(response)) => Ok(response),
         };
         let status = match &outcome {
