@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::oci::manifest::{Descriptor, ManifestDoc};
 use http::{HeaderValue, Method, StatusCode};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde::Deserialize;
 
 use crate::config::BaseUrl;
 use crate::metrics::Metrics;
@@ -65,46 +65,6 @@ impl ImageRef {
     fn path(&self, kind: &str, reference: &str) -> String {
         format!("/v2/{}{}/{kind}/{reference}", self.prefix, self.repository)
     }
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    digest: String,
-    #[serde(default)]
-    size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(Deserialize)]
-struct Platform {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-impl Platform {
-    fn matches(&self, wanted: &str) -> bool {
-        let mut name = format!("{}/{}", self.os, self.architecture);
-        if wanted == name {
-            return true;
-        }
-        if let Some(variant) = &self.variant {
-            name = format!("{name}/{variant}");
-        }
-        wanted == name
-    }
-}
-
-#[derive(Deserialize)]
-struct ManifestDoc {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
 }
 
 /// What one warm run did.

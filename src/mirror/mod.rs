@@ -22,6 +22,7 @@ pub use error::MirrorError;
 
 use crate::config::{BaseUrl, Config, UpstreamAccess};
 use crate::metrics::Metrics;
+use crate::oci::manifest::ManifestDoc;
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::store::{BlobFile, Store};
 use crate::tags::{TagEntry, Tags};
@@ -37,6 +38,10 @@ const MAX_LISTING: usize = 4 << 20;
 
 /// One tag fetch or revalidation, awaited by every request for that tag meanwhile.
 type TagRefresh = tokio::sync::OnceCell<Result<Manifest, MirrorError>>;
+
+/// References of one manifest linked to its repository, at most; content past them is checked
+/// with the upstream when asked for (a manifest of 8 MiB could otherwise list ~50,000).
+const MAX_LINKS_PER_MANIFEST: usize = 1_000;
 
 /// Registries created on demand under `allow_any_registry`, at most.
 const MAX_ANY_REGISTRIES: usize = 1_000;
@@ -297,10 +302,96 @@ impl Mirror {
         reference: &Reference,
         accept: AcceptSet,
     ) -> Result<Manifest, MirrorError> {
-        match reference {
-            Reference::Digest(digest) => self.manifest_by_digest(target, digest, accept).await,
-            Reference::Tag(tag) => self.manifest_by_tag(target, tag.as_str(), accept).await,
+        let manifest = match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(target, digest, accept).await?,
+            Reference::Tag(tag) => self.manifest_by_tag(target, tag.as_str(), accept).await?,
+        };
+        self.link_manifest(target, &manifest).await;
+        Ok(manifest)
+    }
+
+    /// Whether the target's repository is known to reference `digest`: from the store's links,
+    /// else from another replica through Redis (then recorded here too).
+    async fn knows(&self, target: &Target, digest: &Digest) -> bool {
+        let registry = target.registry.upstream.name();
+        if self.store.is_linked(digest, registry, target.repo.as_str()) {
+            return true;
         }
+        let repository = repository_key(target);
+        if self
+            .tags
+            .shared_link(&digest.to_string(), &repository)
+            .await
+        {
+            self.store.link(vec![digest.clone()], &repository).await;
+            return true;
+        }
+        false
+    }
+
+    /// Records that the target's repository references these digests, here and for other replicas.
+    async fn link(&self, target: &Target, digests: Vec<Digest>) {
+        let repository = repository_key(target);
+        self.tags.share_links(&digests, &repository).await;
+        self.store.link(digests, &repository).await;
+    }
+
+    /// A manifest served under a repository links it there, with everything it references: the
+    /// platform manifests of an index, the config and layers of an image. Once linked, this is a
+    /// single lookup.
+    async fn link_manifest(&self, target: &Target, manifest: &Manifest) {
+        let registry = target.registry.upstream.name();
+        if self
+            .store
+            .is_linked(&manifest.digest, registry, target.repo.as_str())
+        {
+            return;
+        }
+        let mut digests = vec![manifest.digest.clone()];
+        match ManifestDoc::parse(&manifest.bytes) {
+            Ok(doc) => digests.extend(doc.references(MAX_LINKS_PER_MANIFEST)),
+            Err(error) => {
+                tracing::debug!(digest = %manifest.digest, %error, "a manifest whose references cannot be read")
+            }
+        }
+        self.link(target, digests).await;
+    }
+
+    /// Cached content asked for under a repository not known to reference it: the upstream
+    /// decides, with a `HEAD` under that repository (its credentials, its token scope). A yes
+    /// links it; a no is the upstream's own answer, so the cache is never weaker than the
+    /// registry behind it.
+    async fn confirm_with_upstream(
+        &self,
+        target: &Target,
+        kind: &str,
+        digest: &Digest,
+        accept: Option<AcceptSet>,
+    ) -> Result<(), MirrorError> {
+        let upstream = &target.registry.upstream;
+        let mut request = UpstreamRequest::new(
+            Method::HEAD,
+            target.repo.as_str(),
+            format!("/v2/{}/{kind}/{digest}", target.repo),
+        );
+        if let Some(accept) = accept.filter(|a| !a.is_empty()) {
+            request.accept = HeaderValue::from_str(&accept.header_value()).ok();
+        }
+        let checks = &self.metrics.repository_checks;
+        let response = match upstream.send(&request).await {
+            Ok(response) => response,
+            Err(error) => {
+                checks.with_label_values(&["failed"]).inc();
+                return Err(upstream_failure(upstream, error));
+            }
+        };
+        if !response.status().is_success() {
+            checks.with_label_values(&["refused"]).inc();
+            return Err(status_error(upstream, response).await);
+        }
+        checks.with_label_values(&["linked"]).inc();
+        self.link(target, vec![digest.clone()]).await;
+        Ok(())
     }
 
     async fn manifest_by_digest(
@@ -311,6 +402,10 @@ impl Mirror {
     ) -> Result<Manifest, MirrorError> {
         if let Some(stored) = self.store.read_manifest(digest).await {
             if accept.accepts(&stored.media_type) {
+                if !self.knows(target, digest).await {
+                    self.confirm_with_upstream(target, "manifests", digest, Some(accept))
+                        .await?;
+                }
                 self.metrics.cache_lookup("manifest", "hit");
                 return Ok(Manifest {
                     digest: digest.clone(),
@@ -602,7 +697,12 @@ impl Mirror {
         digest: &Digest,
         head: bool,
     ) -> Result<BlobSource, MirrorError> {
+        let linked = self.knows(target, digest).await;
         if let Some(blob) = self.store.open_blob(digest).await {
+            if !linked {
+                self.confirm_with_upstream(target, "blobs", digest, None)
+                    .await?;
+            }
             self.metrics.cache_lookup("blob", "hit");
             return Ok(BlobSource::Cached(blob));
         }
@@ -616,6 +716,10 @@ impl Mirror {
                 .get(digest)
                 .cloned();
             if let Some(flight) = running {
+                if !linked {
+                    self.confirm_with_upstream(target, "blobs", digest, None)
+                        .await?;
+                }
                 let size = flight.started().await?;
                 return Ok(BlobSource::Downloading {
                     flight,
@@ -640,10 +744,22 @@ impl Mirror {
                 .get(CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
+            if !linked {
+                self.link(target, vec![digest.clone()]).await;
+            }
             return Ok(BlobSource::Upstream { size });
         }
         let (flight, first) = self.join_or_start(upstream, &target.repo, digest);
+        // A download started under another repository proves nothing about this one.
+        if first.is_none() && !linked {
+            self.confirm_with_upstream(target, "blobs", digest, None)
+                .await?;
+        }
         let size = flight.started().await?;
+        if first.is_some() && !linked {
+            // The upstream answered this repository's GET: it references the blob.
+            self.link(target, vec![digest.clone()]).await;
+        }
         Ok(BlobSource::Downloading {
             flight,
             size,
@@ -750,6 +866,11 @@ fn manifest_request(
         request.accept = HeaderValue::from_str(&accept.header_value()).ok();
     }
     request
+}
+
+/// `<registry>/<repository>`, the name links are recorded under.
+fn repository_key(target: &Target) -> String {
+    format!("{}/{}", target.registry.upstream.name(), target.repo)
 }
 
 fn is_docker_hub(url: &BaseUrl) -> bool {

@@ -6,6 +6,7 @@
 
 mod digest;
 mod error;
+pub mod manifest;
 mod media;
 mod name;
 

@@ -5,6 +5,7 @@
 //! ```text
 //! blobs/sha256/ab/abcdef…       blob bytes, exactly as the upstream sent them
 //! manifests/sha256/ab/abcdef…   "<media type>\n" followed by the manifest bytes
+//! links/sha256/ab/abcdef…       the repositories known to reference it, one per line
 //! tmp/                          downloads in progress; emptied at start-up
 //! ```
 //!
@@ -14,6 +15,7 @@
 //! never evicted.
 
 mod body;
+mod links;
 mod mapped;
 mod writer;
 
@@ -119,6 +121,8 @@ pub struct Store {
     /// Small blobs stay mapped between requests (see [`mapped::SharedMap`]); they leave with
     /// their file too. Mapped pages that were read count in RSS, hence a small budget.
     small_blob_maps: moka::sync::Cache<Digest, mapped::SharedMap>,
+    /// Which repositories reference each entry (see [`links`]).
+    links: links::Links,
     metrics: Arc<Metrics>,
 }
 
@@ -196,6 +200,16 @@ impl Store {
             total_bytes += size;
             lru.put(key, size);
         }
+        let held = |digest: &Digest| {
+            [Kind::Blob, Kind::Manifest].into_iter().any(|kind| {
+                lru.contains(&Key {
+                    kind,
+                    digest: digest.clone(),
+                })
+            })
+        };
+        let links_dir = root.join("links");
+        let links = links::Links::open(&links_dir, held).map_err(io_error(&links_dir))?;
         let store = Arc::new(Self {
             root: root.to_owned(),
             max_size,
@@ -216,6 +230,7 @@ impl Store {
                 .max_capacity(SMALL_BLOB_MAP_BYTES)
                 .weigher(|_, map: &mapped::SharedMap| u32::try_from(map.len()).unwrap_or(u32::MAX))
                 .build(),
+            links,
             metrics,
         });
         store.evict_to_fit();
@@ -258,12 +273,35 @@ impl Store {
     fn forget(&self, key: &Key) {
         self.hot_manifests.invalidate(&key.digest);
         self.small_blob_maps.invalidate(&key.digest);
+        self.links.remove(&key.digest);
         let mut index = self.lock_index();
         if let Some(size) = index.lru.pop(key) {
             index.total_bytes -= size;
         }
         drop(index);
         self.publish_size();
+    }
+
+    /// Whether `repository` of `registry` is known to reference `digest`.
+    pub fn is_linked(&self, digest: &Digest, registry: &str, repository: &str) -> bool {
+        self.links.contains(digest, registry, repository)
+    }
+
+    /// Records that `repository` (`<registry>/<repository>`) references each of `digests`,
+    /// durably; returns once the links
+    /// hold in memory and are written.
+    pub async fn link(self: &Arc<Self>, digests: Vec<Digest>, repository: &str) {
+        let store = Arc::clone(self);
+        let repository = repository.to_owned();
+        let written = tokio::task::spawn_blocking(move || {
+            for digest in &digests {
+                store.links.insert(digest, &repository);
+            }
+        })
+        .await;
+        if let Err(error) = written {
+            tracing::warn!(%error, "recording repository links failed");
+        }
     }
 
     pub fn contains_blob(&self, digest: &Digest) -> bool {
@@ -404,6 +442,7 @@ impl Store {
             }
         }
         for key in victims {
+            self.links.remove(&key.digest);
             let path = self.path(key.kind, &key.digest);
             match std::fs::remove_file(&path) {
                 Ok(()) => {

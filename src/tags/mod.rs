@@ -194,6 +194,40 @@ impl Tags {
         }
     }
 
+    fn link_key(digest: &str) -> String {
+        format!("gantry:links:v1:{digest}")
+    }
+
+    /// Whether another replica learned that `repository` references `digest` (see
+    /// `store::links`); `false` without Redis or when it fails.
+    pub async fn shared_link(&self, digest: &str, repository: &str) -> bool {
+        let Some(shared) = &self.shared else {
+            return false;
+        };
+        match shared
+            .set_contains(&Self::link_key(digest), repository)
+            .await
+        {
+            Ok(linked) => linked,
+            Err(error) => {
+                self.redis_failed(&error);
+                false
+            }
+        }
+    }
+
+    /// Tells other replicas that `repository` references these digests.
+    pub async fn share_links(&self, digests: &[crate::oci::Digest], repository: &str) {
+        let Some(shared) = &self.shared else { return };
+        for digest in digests {
+            let key = Self::link_key(&digest.to_string());
+            if let Err(error) = shared.add_to_set(&key, repository).await {
+                self.redis_failed(&error);
+                return;
+            }
+        }
+    }
+
     fn redis_failed(&self, error: &TagError) {
         self.metrics.redis_errors.inc();
         tracing::warn!(%error, "redis tag cache unavailable; using memory only");

@@ -104,6 +104,22 @@ impl RedisTags {
         self.run::<()>(command).await
     }
 
+    /// Adds `member` to the set at `key` (kept for [`RETENTION`]).
+    pub async fn add_to_set(&self, key: &str, member: &str) -> Result<(), TagError> {
+        let mut command = redis::cmd("SADD");
+        command.arg(key).arg(member);
+        self.run::<()>(command).await?;
+        let mut command = redis::cmd("EXPIRE");
+        command.arg(key).arg(RETENTION.as_secs());
+        self.run::<()>(command).await
+    }
+
+    pub async fn set_contains(&self, key: &str, member: &str) -> Result<bool, TagError> {
+        let mut command = redis::cmd("SISMEMBER");
+        command.arg(key).arg(member);
+        self.run(command).await
+    }
+
     pub async fn ping(&self) -> bool {
         self.run::<String>(redis::cmd("PING")).await.is_ok()
     }

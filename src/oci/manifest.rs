@@ -1,0 +1,100 @@
+//! The parts of image manifests and indexes gantry reads: the descriptors they reference.
+//!
+//! Manifests are stored and served as the exact bytes the upstream sent; these structs are only
+//! ever read from them (never re-serialized), and unknown fields are ignored.
+
+use serde::Deserialize;
+
+use super::Digest;
+
+/// A content descriptor (`config`, an entry of `layers`, `blobs` or `manifests`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Descriptor {
+    pub digest: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// `linux/amd64` or `linux/arm64/v8`, as `--platform` is written.
+    pub fn matches(&self, wanted: &str) -> bool {
+        let mut name = format!("{}/{}", self.os, self.architecture);
+        if wanted == name {
+            return true;
+        }
+        if let Some(variant) = &self.variant {
+            name = format!("{name}/{variant}");
+        }
+        wanted == name
+    }
+}
+
+/// An image manifest or an index, whichever the bytes are.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ManifestDoc {
+    /// An index's platform manifests.
+    #[serde(default)]
+    pub manifests: Vec<Descriptor>,
+    #[serde(default)]
+    pub config: Option<Descriptor>,
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+    /// The OCI 1.1 artifact manifest's blobs.
+    #[serde(default)]
+    pub blobs: Vec<Descriptor>,
+}
+
+impl ManifestDoc {
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// Every digest the document references directly (child manifests of an index; config,
+    /// layers and blobs of a manifest), well-formed ones only, at most `limit`.
+    pub fn references(&self, limit: usize) -> Vec<Digest> {
+        self.manifests
+            .iter()
+            .chain(self.config.iter())
+            .chain(self.layers.iter())
+            .chain(self.blobs.iter())
+            .filter_map(|descriptor| Digest::parse(&descriptor.digest).ok())
+            .take(limit)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_of_a_manifest_and_an_index() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{a}","size":2}},"layers":[{{"digest":"{b}","size":3}},{{"digest":"not-a-digest"}}],"annotations":{{"x":"y"}}}}"#
+        );
+        let doc = ManifestDoc::parse(manifest.as_bytes()).unwrap();
+        let found: Vec<String> = doc.references(10).iter().map(|d| d.to_string()).collect();
+        assert_eq!(found, [a.clone(), b.clone()]);
+        assert_eq!(doc.references(1).len(), 1);
+        let index = format!(
+            r#"{{"manifests":[{{"digest":"{a}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}}]}}"#
+        );
+        let doc = ManifestDoc::parse(index.as_bytes()).unwrap();
+        assert_eq!(doc.references(10).len(), 1);
+        let platform = doc.manifests[0].platform.as_ref().unwrap();
+        assert!(platform.matches("linux/arm64") && platform.matches("linux/arm64/v8"));
+        assert!(!platform.matches("linux/amd64"));
+    }
+}
