@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Tag revalidations by result (`unchanged`, `changed`, `failed`).
     pub tag_revalidations: IntCounterVec,
     pub redis_errors: IntCounter,
+    /// Requests refused because their client was over `limits.requests_per_second_per_client`.
+    pub client_rate_limited: IntCounter,
 }
 
 impl Metrics {
@@ -133,6 +135,10 @@ impl Metrics {
             redis_errors: counter(
                 "gantry_redis_errors_total",
                 "Redis operations that failed (treated as misses).",
+            ),
+            client_rate_limited: counter(
+                "gantry_client_rate_limited_total",
+                "Client requests answered 429 because their client was over limits.requests_per_second_per_client.",
             ),
             registry,
         }
