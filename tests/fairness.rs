@@ -16,8 +16,8 @@ use hyper_util::rt::TokioExecutor;
 
 use common::metrics::value;
 use common::{
-    config_yaml, file_digest, free_port, http_get, require_tools, wait_until, Fixture, Gantry,
-    Options, Reply, ACCEPT_ALL,
+    config_yaml, free_port, http_get, require_tools, wait_until, Fixture, Gantry, Options, Reply,
+    ACCEPT_ALL,
 };
 
 type SourceClient = Client<HttpConnector, Empty<Bytes>>;
@@ -105,7 +105,7 @@ async fn a_noisy_client_is_held_back_while_another_pulls() {
         )
         .await;
         statuses.push(manifest.status);
-        let dir = tempfile::tempdir().unwrap();
+        let mut blobs = Vec::new();
         for digest in fixture.multi.blobs() {
             let blob = get(
                 &quiet,
@@ -114,15 +114,18 @@ async fn a_noisy_client_is_held_back_while_another_pulls() {
             )
             .await;
             statuses.push(blob.status);
-            let path = dir.path().join("blob");
-            std::fs::write(&path, &blob.body).unwrap();
-            assert_eq!(file_digest(&path), digest, "the quiet client's blob");
+            blobs.push((digest, blob.body));
         }
-        statuses
+        (statuses, blobs)
     };
-    let ((replies, elapsed), quiet_statuses) = tokio::join!(noisy_burst, quiet_pull);
+    let ((replies, elapsed), (quiet_statuses, quiet_blobs)) = tokio::join!(noisy_burst, quiet_pull);
 
     assert_eq!(quiet_statuses, vec![StatusCode::OK; 7], "the quiet client");
+    for (digest, body) in quiet_blobs {
+        use sha2::Digest as _;
+        let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
+        assert_eq!(got, digest, "the quiet client's blob");
+    }
     // A full bucket serves the burst; after it, at most one more per second passed.
     let served = replies
         .iter()
@@ -153,6 +156,13 @@ async fn a_noisy_client_is_held_back_while_another_pulls() {
             .unwrap();
         assert_eq!(retry_after, 1);
     }
+    // The admin listener has no budget, even for a client the API is refusing.
+    assert_eq!(
+        get(&noisy, &gantry.admin_url("/metrics"), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
     let scrape = gantry.metrics().await;
     assert_eq!(
         value(&scrape, "gantry_client_rate_limited_total"),
