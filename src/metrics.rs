@@ -40,6 +40,8 @@ pub struct Metrics {
     /// Cached blobs and manifests asked for under a repository not yet known to reference them,
     /// by what the upstream said (`linked`, `refused`, `failed`).
     pub repository_checks: IntCounterVec,
+    /// Requests refused because their client was over `limits.requests_per_second_per_client`.
+    pub client_rate_limited: IntCounter,
 }
 
 impl Metrics {
@@ -148,6 +150,10 @@ impl Metrics {
                 "gantry_repository_checks_total",
                 "Cached content asked for under a repository not known to reference it, checked with the upstream, by result (linked, refused, failed).",
                 &["result"],
+            ),
+            client_rate_limited: counter(
+                "gantry_client_rate_limited_total",
+                "Client requests answered 429 because their client was over limits.requests_per_second_per_client.",
             ),
             registry,
         }

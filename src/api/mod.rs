@@ -513,6 +513,20 @@ fn error_with_headers(
     response
 }
 
+/// The answer to a client over its own request budget (`limits.requests_per_second_per_client`),
+/// with `Retry-After` in whole seconds; the server refuses such requests before routing them.
+pub fn too_many_requests(retry_after: u64) -> Response<ResponseBody> {
+    let error = OciError::new(
+        ErrorCode::TooManyRequests,
+        "this client is over its request rate",
+    );
+    let mut response = error_with_headers(error, &[(RETRY_AFTER, retry_after.to_string())]);
+    response
+        .headers_mut()
+        .insert("docker-distribution-api-version", API_VERSION);
+    response
+}
+
 /// The one place internal errors become client responses. Upstream details stay in the log;
 /// the client gets the OCI code that makes its runtime behave sensibly (never DENIED for a rate
 /// limit: docker would print "pull access denied").

@@ -289,6 +289,54 @@ pub struct Limits {
     pub max_connections: usize,
     /// Blob downloads from upstreams at once; more wait their turn (within `timeouts.download`).
     pub max_downloads: usize,
+    /// Requests per second one client (an IPv4 address or an IPv6 /64) may make on the client
+    /// listener, as a token bucket; more are answered `429` with `Retry-After`. Absent: no limit.
+    pub requests_per_second_per_client: Option<f64>,
+    /// The bucket's size: requests a client may make at once after a pause. Default twice the
+    /// rate (at least 1); a pull opens with a request per layer at once.
+    pub requests_burst_per_client: Option<u32>,
+}
+
+/// A per-client request budget, from `limits.requests_per_second_per_client` and its burst.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClientRate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Limits {
+    /// The per-client budget, `None` when there is none.
+    pub fn client_rate(&self) -> Option<ClientRate> {
+        let per_second = self.requests_per_second_per_client?;
+        // A float-to-int cast saturates: an absurd rate gets the largest burst, not a panic.
+        let burst = self
+            .requests_burst_per_client
+            .unwrap_or(((2.0 * per_second).ceil() as u32).max(1));
+        Some(ClientRate { per_second, burst })
+    }
+
+    fn problems(&self, problems: &mut Vec<String>) {
+        if let Some(rate) = self.requests_per_second_per_client {
+            if !(rate.is_finite() && rate > 0.0) {
+                problems.push(format!(
+                    "limits.requests_per_second_per_client: `{rate}` must be a number more than 0 (leave it out for no limit)"
+                ));
+            }
+        }
+        match (
+            self.requests_burst_per_client,
+            self.requests_per_second_per_client,
+        ) {
+            (Some(0), _) => {
+                problems.push("limits.requests_burst_per_client: must be at least 1".to_owned())
+            }
+            (Some(_), None) => problems.push(
+                "limits.requests_burst_per_client: set limits.requests_per_second_per_client too"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -375,6 +423,8 @@ impl Default for Limits {
             max_manifest_size: ByteSize(8 << 20),
             max_connections: 4096,
             max_downloads: 64,
+            requests_per_second_per_client: None,
+            requests_burst_per_client: None,
         }
     }
 }
@@ -509,6 +559,7 @@ impl Config {
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".to_owned());
         }
+        self.limits.problems(&mut problems);
         if self.limits.max_manifest_size.0 < 4 << 20 {
             problems.push(
                 "limits.max_manifest_size: must be at least 4MiB (manifests of 4 MB are common)"
@@ -716,6 +767,56 @@ log:
         assert!(parse(missing)
             .unwrap_err()
             .contains("mirroring.docker_config"));
+    }
+
+    #[test]
+    fn the_per_client_rate_is_checked_and_its_burst_defaults_to_twice_it() {
+        assert_eq!(parse("").unwrap().limits.client_rate(), None);
+        let rate = |yaml: &str| parse(yaml).map(|c| c.limits.client_rate());
+        let expect = |per_second, burst| Ok(Some(ClientRate { per_second, burst }));
+        assert_eq!(
+            rate("limits:\n  requests_per_second_per_client: 10\n"),
+            expect(10.0, 20)
+        );
+        assert_eq!(
+            rate("limits:\n  requests_per_second_per_client: 0.2\n"),
+            expect(0.2, 1)
+        );
+        assert_eq!(
+            rate(
+                "limits:\n  requests_per_second_per_client: 2.5\n  requests_burst_per_client: 50\n"
+            ),
+            expect(2.5, 50)
+        );
+        for bad in ["0", "-1", ".nan", ".inf"] {
+            let err = parse(&format!(
+                "limits:\n  requests_per_second_per_client: {bad}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.contains("limits.requests_per_second_per_client: `"),
+                "{bad}: {err}"
+            );
+        }
+        let err =
+            parse("limits:\n  requests_per_second_per_client: 1\n  requests_burst_per_client: 0\n")
+                .unwrap_err();
+        assert!(
+            err.contains("limits.requests_burst_per_client: must be at least 1"),
+            "{err}"
+        );
+        let err = parse("limits:\n  requests_burst_per_client: 5\n").unwrap_err();
+        assert!(
+            err.contains(
+                "limits.requests_burst_per_client: set limits.requests_per_second_per_client"
+            ),
+            "{err}"
+        );
+        let err = parse("limits:\n  requests_per_second_per_client: lots\n").unwrap_err();
+        assert!(
+            err.contains("limits.requests_per_second_per_client"),
+            "{err}"
+        );
     }
 
     #[test]

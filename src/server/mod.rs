@@ -1,9 +1,11 @@
 //! Listeners and connections: HTTP/1.1 and h2c on one port, a connection limit, a header-read
-//! timeout, one log line per request, and graceful shutdown with a deadline. Also the admin
-//! listener (`/metrics`, `/healthz`, `/readyz`).
+//! timeout, per-client request budgets, one log line per request, and graceful shutdown with a
+//! deadline. Also the admin listener (`/metrics`, `/healthz`, `/readyz`) and the open-file limit.
 
 mod admin;
+mod client_limit;
 mod request_log;
+mod rlimit;
 mod send_timeout;
 mod tls;
 
@@ -24,13 +26,14 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::access::Access;
-use crate::api::{Api, ResponseBody};
+use crate::api::{Api, Outcome, ResponseBody, Route};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::store::{Store, StoreError};
 use crate::tags::{RedisTags, TagError, Tags};
 use crate::upstream::{Pool, Timeouts};
+use client_limit::ClientLimiter;
 use http_body_util::BodyExt;
 use request_log::{LoggedBody, RequestLog};
 use send_timeout::SendTimeout;
@@ -81,6 +84,7 @@ impl Running {
 /// Opens the store, binds the listeners and starts serving. Bad configuration has been rejected
 /// by now; what fails here is the environment (a busy port, an unwritable disk).
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    rlimit::raise(&config);
     let metrics = Arc::new(Metrics::new());
     let store = {
         let path = config.storage.path.clone();
@@ -138,10 +142,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone());
     let api_metrics = Arc::clone(&metrics);
-    let handler = move |request: Request<Incoming>| {
+    let limiter = config
+        .limits
+        .client_rate()
+        .map(|rate| Arc::new(ClientLimiter::new(rate)));
+    let handler = move |peer: SocketAddr, request: Request<Incoming>| {
         let api = api.clone();
         let metrics = Arc::clone(&api_metrics);
-        async move { Ok::<_, Infallible>(logged(&api, &metrics, request).await) }
+        let limiter = limiter.clone();
+        async move {
+            Ok::<_, Infallible>(logged(&api, &metrics, limiter.as_deref(), peer, request).await)
+        }
     };
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(TlsState::load(files)?)),
@@ -163,7 +174,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     if let Some(admin_listener) = admin_listener {
         let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics));
-        let handler = move |request: Request<Incoming>| {
+        let handler = move |_peer: SocketAddr, request: Request<Incoming>| {
             let admin = admin.clone();
             async move { Ok::<_, Infallible>(admin.handle(request).await) }
         };
@@ -232,16 +243,33 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(),
     Ok(())
 }
 
-/// Handles one API request and writes its log line and metrics.
+/// Handles one API request, unless its client is over its budget, and writes its log line and
+/// metrics.
 async fn logged(
     api: &Api,
     metrics: &Arc<Metrics>,
+    limiter: Option<&ClientLimiter>,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let (response, outcome) = api.handle(request).await;
+    let refused = limiter.and_then(|limiter| limiter.check(peer.ip()).err());
+    let (response, outcome) = match refused {
+        Some(retry_after) => {
+            metrics.client_rate_limited.inc();
+            let outcome = Outcome {
+                route: Route::parse(&path).label(),
+                cache: "-",
+                error: Some(format!(
+                    "client over its request rate (retry after {retry_after} s)"
+                )),
+            };
+            (crate::api::too_many_requests(retry_after), outcome)
+        }
+        None => api.handle(request).await,
+    };
     let status = response.status();
     metrics
         .requests
@@ -275,7 +303,7 @@ async fn serve<H, F>(
     tls: Option<Arc<TlsState>>,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -313,7 +341,8 @@ async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let stream = SendTimeout::new(stream, limits.send);
-        let service = service_fn(handler.clone());
+        let handler = handler.clone();
+        let service = service_fn(move |request| handler(peer, request));
         let Some(tls) = &tls else {
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
