@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::fake::{Ending, Fake, Scripted};
 use common::process::GantryProcess;
-use common::{blob_path, dir_is_empty, http_get, wait_until, Gantry, Options};
+use common::{blob_path, dir_is_empty, http_get, skip_unless, wait_until, Gantry, Options};
 use http::StatusCode;
 use sha2::Digest as _;
 
@@ -159,14 +159,24 @@ async fn error_storms_get_quick_clear_answers_and_gantry_stays_healthy() {
     );
 }
 
-/// Mounts a small tmpfs as the store; returns false when mounting is not permitted here.
+/// Mounts a small tmpfs as the store; returns false (mount's complaint printed) when mounting is
+/// not permitted here.
 fn mount_small_tmpfs(dir: &Path, size: &str) -> bool {
-    std::process::Command::new("mount")
+    let output = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .output();
+    match output {
+        Ok(output) if output.status.success() => true,
+        Ok(output) => {
+            eprintln!("mount: {}", String::from_utf8_lossy(&output.stderr).trim());
+            false
+        }
+        Err(error) => {
+            eprintln!("mount: {error}");
+            false
+        }
+    }
 }
 
 struct Unmount(PathBuf);
@@ -185,8 +195,10 @@ async fn a_full_disk_fails_the_download_and_keeps_what_was_committed() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
-    if !mount_small_tmpfs(&store, "3m") {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)");
+    if !skip_unless(
+        mount_small_tmpfs(&store, "3m"),
+        "cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)",
+    ) {
         return;
     }
     let _unmount = Unmount(store.clone());
