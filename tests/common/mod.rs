@@ -14,6 +14,7 @@ pub mod fake;
 pub mod images;
 pub mod metrics;
 pub mod process;
+pub mod raw_fake;
 pub mod redis;
 pub mod registry;
 
