@@ -16,7 +16,9 @@ pub struct Metrics {
     /// Client requests by route, method and status.
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
-    /// Cache lookups by kind (`blob`, `manifest`, `tag`) and outcome (`hit`, `miss`, `stale`).
+    /// Cache lookups by kind (`blob`, `manifest`, `tag`, `listing`: tag lists and referrers) and
+    /// outcome (`hit`, `miss`, `stale`; `stale` only for `tag` and `listing`, served during an
+    /// upstream outage).
     pub cache_lookups: IntCounterVec,
     /// Bytes sent to clients, by where they came from (`cache`, `upstream`).
     pub bytes_served: IntCounterVec,
@@ -27,7 +29,10 @@ pub struct Metrics {
     pub downloads_in_flight: IntGauge,
     /// Requests that followed a download another request had started.
     pub download_joins: IntCounter,
-    /// Downloads discarded, by reason (`digest_mismatch`, `size_mismatch`, `upstream`, `timeout`, `io`).
+    /// Downloads discarded, by reason (`mirror::download::failure_reason`): `bad_content` (the
+    /// body does not match its digest or its announced size), `upstream_unavailable` (connection,
+    /// first-byte or idle timeout, broken body, `timeouts.download` exceeded), `upstream_status`
+    /// (an error status), `io` (our own disk: a full disk, a failed commit).
     pub download_failures: IntCounterVec,
     pub store_bytes: IntGauge,
     pub store_entries: IntGauge,

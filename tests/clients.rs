@@ -15,12 +15,11 @@ mod common;
 use std::time::Instant;
 
 use common::clients::{
-    assert_second_pull_from_cache, basic_auth, blob_hits, dockerd_has_containerd_store,
-    gantry_on_ipv6_loopback, has_repo_digest, host_arch, https_get, private_mounts,
-    registries_conf, skopeo_with_registries_conf, test_certificate, upstream_context, Containerd,
-    Dockerd, DockerdSetup, Hub, ImageStore, Podman, Run, Trap,
+    assert_second_pull_from_cache, basic_auth, blob_hits, gantry_on_ipv6_loopback, has_repo_digest,
+    host_arch, https_get, private_mounts, registries_conf, skopeo_with_registries_conf,
+    test_certificate, upstream_context, Containerd, Dockerd, DockerdSetup, Hub, Podman, Run, Trap,
 };
-use common::{file_digest, require_tools, Fixture, Gantry, Options};
+use common::{file_digest, require_tools, skip_unless, Fixture, Gantry, Options};
 
 const DOCKER_TOOLS: &[&str] = &[
     "docker-registry",
@@ -61,11 +60,10 @@ async fn dockerd_pulls_a_single_platform_image_through_registry_mirrors() {
     let hub = Hub::start("library", 100).await;
     let gantry = Gantry::start(&hub.proxy.url()).await;
     let trap = Trap::start().await;
-    let dockerd = Dockerd::start(&gantry.host(), &trap, ImageStore::Classic).await;
-    assert_eq!(
-        dockerd.reported_store().await,
-        ImageStore::Classic,
-        "{}",
+    let dockerd = Dockerd::start(&gantry.host(), &trap).await;
+    assert!(
+        !dockerd.uses_containerd_image_store().await,
+        "the classic image store: {}",
         dockerd.logs()
     );
 
@@ -97,13 +95,21 @@ async fn dockerd_pulls_a_single_platform_image_through_registry_mirrors() {
 
 /// Pulls `multiarch:v1` (an OCI index) and checks this machine's platform was chosen, then
 /// again after `docker rmi`.
-async fn dockerd_pulls_the_native_platform_of_an_index(store: ImageStore) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dockerd_picks_this_platform_from_a_multi_arch_index() {
+    if !require_tools(DOCKER_TOOLS) {
+        return;
+    }
     let started = Instant::now();
     let hub = Hub::start("library", 200).await;
     let gantry = Gantry::start(&hub.proxy.url()).await;
     let trap = Trap::start().await;
-    let dockerd = Dockerd::start(&gantry.host(), &trap, store).await;
-    assert_eq!(dockerd.reported_store().await, store, "{}", dockerd.logs());
+    let dockerd = Dockerd::start(&gantry.host(), &trap).await;
+    assert!(
+        !dockerd.uses_containerd_image_store().await,
+        "the classic image store: {}",
+        dockerd.logs()
+    );
     let (native, other) = hub.platforms();
 
     let out = dockerd.pull("multiarch:v1", &trap, &[&hub]).await;
@@ -115,12 +121,7 @@ async fn dockerd_pulls_the_native_platform_of_an_index(store: ImageStore) {
         hub.index_digest
     );
     assert_eq!(image["Architecture"], host_arch(), "{image}");
-    let id = image["Id"].as_str().unwrap_or_default();
-    match store {
-        ImageStore::Classic => assert_eq!(id, native.config_digest),
-        // The containerd store names images by their target (the index).
-        ImageStore::Containerd => assert_eq!(id, hub.index_digest),
-    }
+    assert_eq!(image["Id"], native.config_digest.as_str());
     hub.assert_fetched_once(&native.blobs(), &other.blobs(), &out.text());
     trap.assert_untouched(&dockerd.logs());
 
@@ -134,34 +135,7 @@ async fn dockerd_pulls_the_native_platform_of_an_index(store: ImageStore) {
     );
     assert_second_pull_from_cache(&hub, &gantry, hits, native.blobs().len(), &out.text()).await;
     trap.assert_untouched(&dockerd.logs());
-    done(
-        &format!("dockerd multi-arch index ({store:?} store)"),
-        started,
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dockerd_picks_this_platform_from_a_multi_arch_index() {
-    if !require_tools(DOCKER_TOOLS) {
-        return;
-    }
-    dockerd_pulls_the_native_platform_of_an_index(ImageStore::Classic).await;
-}
-
-/// With the containerd image store, dockerd's mirror requests carry `?ns=docker.io`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dockerd_with_the_containerd_image_store_picks_this_platform_from_an_index() {
-    if !require_tools(DOCKER_TOOLS) {
-        return;
-    }
-    let (available, version) = dockerd_has_containerd_store().await;
-    if !available {
-        eprintln!(
-            "SKIPPED: {version} has no containerd image store (features.containerd-snapshotter, Engine 24+)"
-        );
-        return;
-    }
-    dockerd_pulls_the_native_platform_of_an_index(ImageStore::Containerd).await;
+    done("dockerd multi-arch index", started);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +147,7 @@ async fn dockerd_pulls_by_digest() {
     let hub = Hub::start("library", 300).await;
     let gantry = Gantry::start(&hub.proxy.url()).await;
     let trap = Trap::start().await;
-    let dockerd = Dockerd::start(&gantry.host(), &trap, ImageStore::Classic).await;
+    let dockerd = Dockerd::start(&gantry.host(), &trap).await;
     let (native, other) = hub.platforms();
 
     // An image manifest by digest.
@@ -264,13 +238,11 @@ async fn docker_login_and_pull_over_tls_with_htpasswd() {
     if !require_tools(&tools) {
         return;
     }
-    if !private_mounts() {
-        let message = "dockerd needs a private mount namespace (`unshare --mount`) to trust the \
-                       test CA without writing the real /etc/docker";
-        if std::env::var_os("CI").is_some() {
-            panic!("{message}");
-        }
-        eprintln!("SKIPPED: {message}");
+    if !skip_unless(
+        private_mounts(),
+        "dockerd needs a private mount namespace (`unshare --mount`) to trust the test CA \
+         without writing the real /etc/docker",
+    ) {
         return;
     }
     let started = Instant::now();

@@ -13,7 +13,7 @@ use std::process::Command;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use common::{free_port, pull, require_tools, which, Fixture, Gantry};
+use common::{free_port, pull, require_tools, skip_unless, which, Fixture, Gantry};
 use gantry::config::{Config, LogFormat, Seconds};
 
 // ---- helpers ----------------------------------------------------------------------------------
@@ -894,10 +894,14 @@ fn systemd_unit_is_hardened_and_verifies() {
         config.timeouts.shutdown.0
     );
 
-    let Some(analyze) = which("systemd-analyze") else {
-        eprintln!("SKIPPED: systemd-analyze verify (systemd-analyze is not installed)");
+    let analyze = which("systemd-analyze");
+    if !skip_unless(
+        analyze.is_some(),
+        "systemd-analyze verify: systemd-analyze is not installed (scripts/test installs systemd)",
+    ) {
         return;
-    };
+    }
+    let analyze = analyze.unwrap();
     // ExecStart must name an executable that exists: the gantry this test was built with.
     let dir = tempfile::tempdir().unwrap();
     let verify = |unit: &str| -> Vec<String> {
@@ -1209,18 +1213,20 @@ async fn dashboard_metrics_are_exported_by_a_running_gantry() {
     gantry.stop().await;
 }
 
-/// PromQL syntax, with promtool when it is installed (Debian's `prometheus` package ships it;
-/// nothing installs it for the tests, so this check says SKIPPED without it). `PROMTOOL` may
-/// name the binary.
+/// PromQL syntax and the Prometheus config, checked by promtool (Debian's `prometheus` package
+/// ships it; scripts/test installs it). `PROMTOOL` may name the binary.
 #[test]
 fn dashboard_queries_and_prometheus_config_pass_promtool() {
     let promtool = std::env::var_os("PROMTOOL")
         .map(PathBuf::from)
         .or_else(|| which("promtool"));
-    let Some(promtool) = promtool else {
-        eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+    if !skip_unless(
+        promtool.is_some(),
+        "promtool is not installed (scripts/test installs prometheus)",
+    ) {
         return;
-    };
+    }
+    let promtool = promtool.unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Grafana's variables, replaced by values a recording rule accepts.
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");

@@ -12,12 +12,22 @@ const SEEDS: &[&[u8]] = &[
     b"/v2/library/alpine/manifests/latest",
     b"/v2/a/b/blobs/sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
     b"/v2/../x/tags/list",
+    b"/v2/_catalog",
+    b"/v2/a/blobs/uploads/some-uuid",
+    b"/v2/a/referrers/sha512:00/",
     b"Bearer realm=\"https://auth.docker.io/token\",service=\"registry.docker.io\",scope=\"repository:a:pull\"",
     b"Basic realm=\"x\"",
+    b"bearer realm=\"https://a.example/t\\\"x\", Scope=\"repository:a:pull,push\",service=reg",
     b"\x05bytes=0-99",
     b"\x01bytes=-10",
     b"listen: 0.0.0.0:5000\nmirroring:\n  tags_cache_ttl: 10m\nstorage:\n  max_size: 1GiB\n",
     b"registries:\n  - host: ghcr.io\n    url: https://ghcr.io\n",
+    b"limits:\n  max_downloads: 1\n  max_connections: 1\ntimeouts:\n  idle: 1s\n  send: 1s\n",
+    b"storage:\n  path: /var/lib/gantry\n  max_size: 1\n",
+    // Just past the limits the loader refuses, so a dropped check shows up as an accepted config.
+    b"limits:\n  max_downloads: 0\n",
+    b"timeouts:\n  idle: 0s\n",
+    b"storage:\n  max_size: 0\n",
 ];
 
 /// xorshift64*: deterministic, so a failure prints a reproducible input.
@@ -37,9 +47,9 @@ impl Rng {
 }
 
 fn mutate(rng: &mut Rng, input: &mut Vec<u8>) {
-    const INTERESTING: &[u8] = b"/:.-_%\"=,\\\n\r\t \0\x7f\xff*";
+    const INTERESTING: &[u8] = b"/:.-_%\"=,\\\n\r\t \0\x7f\xff*0";
     for _ in 0..=rng.below(4) {
-        match rng.below(6) {
+        match rng.below(7) {
             0 if !input.is_empty() => {
                 let at = rng.below(input.len());
                 input[at] = rng.next() as u8;
@@ -59,6 +69,10 @@ fn mutate(rng: &mut Rng, input: &mut Vec<u8>) {
                 input.splice(at..at, chunk);
             }
             4 => input.truncate(rng.below(input.len() + 1)),
+            5 if !input.is_empty() => {
+                let at = rng.below(input.len());
+                input[at] = INTERESTING[rng.below(INTERESTING.len())];
+            }
             _ => {
                 let seed = SEEDS[rng.below(SEEDS.len())];
                 input.extend_from_slice(&seed[..rng.below(seed.len() + 1)]);
@@ -68,13 +82,21 @@ fn mutate(rng: &mut Rng, input: &mut Vec<u8>) {
     input.truncate(4096);
 }
 
+/// A distinct, stable starting point per target (FNV-1a of its name): seeding with the name's
+/// length gave `names`, `route` and `range` one shared sequence.
+fn seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn run(name: &str, target: fn(&[u8])) {
     let budget = std::env::var("GANTRY_FUZZ_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .map(Duration::from_secs_f64)
         .unwrap_or(Duration::from_secs(2));
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ name.len() as u64);
+    let mut rng = Rng(seed(name));
     let started = Instant::now();
     let mut runs = 0u64;
     while started.elapsed() < budget {

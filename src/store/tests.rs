@@ -5,7 +5,25 @@ use http_body::Body;
 use http_body_util::BodyExt;
 
 use super::*;
-use crate::oci::{Algorithm, Digest};
+use crate::oci::Digest;
+
+/// Published vectors (FIPS 180-2 examples and the empty message), so no expected digest comes
+/// from the hasher under test.
+const SHA256_EMPTY: &str =
+    "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+const SHA256_ABC: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+const SHA512_ABC: &str = "sha512:ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
+                          2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f";
+
+/// sha256 of `content` straight from the sha2 crate, not through `Digest::of`/`DigestHasher`.
+fn sha256(content: &[u8]) -> Digest {
+    use sha2::Digest as _;
+    Digest::parse(&format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(content))
+    ))
+    .unwrap()
+}
 
 fn open(dir: &Path, max: Option<u64>) -> Arc<Store> {
     let options = StoreOptions {
@@ -16,7 +34,7 @@ fn open(dir: &Path, max: Option<u64>) -> Arc<Store> {
 }
 
 async fn put_blob(store: &Arc<Store>, content: &[u8]) -> Digest {
-    let digest = Digest::of(Algorithm::Sha256, content);
+    let digest = sha256(content);
     let mut writer = store
         .begin_blob(&digest, Some(content.len() as u64))
         .unwrap();
@@ -58,10 +76,54 @@ async fn commits_verified_blobs_and_reads_them_back() {
 }
 
 #[tokio::test]
+async fn known_vectors_commit_and_anything_else_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    for (digest, content) in [
+        (SHA256_EMPTY, &b""[..]),
+        (SHA256_ABC, b"abc"),
+        (SHA512_ABC, b"abc"),
+    ] {
+        let digest = Digest::parse(digest).unwrap();
+        assert_eq!(Digest::of(digest.algorithm(), content), digest);
+        for wrong in [&b"abd"[..], b"ab", b"abcabc"] {
+            let mut writer = store.begin_blob(&digest, None).unwrap();
+            writer.write(Bytes::copy_from_slice(wrong)).await.unwrap();
+            assert!(
+                matches!(
+                    writer.commit().await,
+                    Err(StoreError::DigestMismatch { .. })
+                ),
+                "{wrong:?} committed as {digest}"
+            );
+        }
+        // In two chunks where there are two bytes to split, as a download writes them.
+        let mut writer = store
+            .begin_blob(&digest, Some(content.len() as u64))
+            .unwrap();
+        let (head, tail) = content.split_at(content.len().min(1));
+        writer.write(Bytes::copy_from_slice(head)).await.unwrap();
+        writer.write(Bytes::copy_from_slice(tail)).await.unwrap();
+        writer.commit().await.unwrap();
+        assert_eq!(read_all(&store, &digest).await, content);
+        let hex = digest.hex();
+        assert!(dir
+            .path()
+            .join(format!(
+                "blobs/{}/{}/{hex}",
+                digest.algorithm().as_str(),
+                &hex[..2]
+            ))
+            .is_file());
+    }
+    assert!(tmp_is_empty(dir.path()));
+}
+
+#[tokio::test]
 async fn a_digest_or_size_mismatch_commits_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), None);
-    let claimed = Digest::of(Algorithm::Sha256, b"the real content");
+    let claimed = sha256(b"the real content");
 
     let mut writer = store.begin_blob(&claimed, None).unwrap();
     writer
@@ -92,7 +154,7 @@ async fn manifests_keep_their_media_type_and_exact_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), None);
     let bytes = Bytes::from_static(b"{\"schemaVersion\":2,  \"odd\" : \"spacing\"}\n");
-    let digest = Digest::of(Algorithm::Sha256, &bytes);
+    let digest = sha256(&bytes);
     store
         .write_manifest(
             &digest,
@@ -107,7 +169,7 @@ async fn manifests_keep_their_media_type_and_exact_bytes() {
         "application/vnd.oci.image.manifest.v1+json"
     );
     assert_eq!(stored.bytes, bytes);
-    let wrong = Digest::of(Algorithm::Sha256, b"other");
+    let wrong = Digest::parse(SHA256_ABC).unwrap();
     assert!(store.write_manifest(&wrong, "x", bytes).await.is_err());
     assert!(store.read_manifest(&wrong).await.is_none());
 }

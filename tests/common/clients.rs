@@ -883,35 +883,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 // ---------------------------------------------------------------------------------------------
 // dockerd + docker
 
-/// Which image store dockerd runs with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ImageStore {
-    /// The graph-driver store (`vfs`); mirrors get plain `/v2/library/...` requests.
-    Classic,
-    /// `features.containerd-snapshotter` (dockerd 24+); requests carry `?ns=docker.io`.
-    Containerd,
-}
-
 /// A `dockerd` with its own containerd, data-root, exec-root, pidfile, key file and API socket
-/// in temp dirs; no iptables, no bridge, no forwarding. [`Dockerd::start`]: with
+/// in temp dirs; no iptables, no bridge, no forwarding. It runs the classic image store (`vfs`
+/// graph driver): the containerd image store needs Engine 24+ (docs/clients.md says what that
+/// leaves untested). [`Dockerd::start`]: with
 /// `registry-mirrors: [gantry]`; [`Dockerd::start_with`] for other setups.
 pub struct Dockerd {
     daemon: Daemon,
     pub containerd: Containerd,
     pub dir: TempDir,
     pub socket: PathBuf,
-    pub store: ImageStore,
     /// What dockerd sees as `/etc/docker` (when [`DockerdSetup::own_etc_docker`]).
     etc_docker: Option<PathBuf>,
 }
 
 /// How [`Dockerd::start_with`] sets a daemon up.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct DockerdSetup<'a> {
     /// gantry's `host:port` as a plain-HTTP `registry-mirrors` entry (and in
     /// `insecure-registries`).
     pub mirror: Option<&'a str>,
-    pub store: ImageStore,
     /// An empty directory of the daemon's temp dir is bind-mounted over `/etc/docker` in its
     /// private mount namespace, so that [`Dockerd::trust_ca`] can put a `certs.d/<host:port>/ca.crt`
     /// there (needs [`private_mounts`]).
@@ -920,25 +911,13 @@ pub struct DockerdSetup<'a> {
     pub hosts: Option<&'a str>,
 }
 
-impl Default for DockerdSetup<'_> {
-    fn default() -> Self {
-        Self {
-            mirror: None,
-            store: ImageStore::Classic,
-            own_etc_docker: false,
-            hosts: None,
-        }
-    }
-}
-
 impl Dockerd {
     /// `mirror` is gantry's `host:port`.
-    pub async fn start(mirror: &str, trap: &Trap, store: ImageStore) -> Self {
+    pub async fn start(mirror: &str, trap: &Trap) -> Self {
         Self::start_with(
             trap,
             DockerdSetup {
                 mirror: Some(mirror),
-                store,
                 ..DockerdSetup::default()
             },
         )
@@ -946,7 +925,6 @@ impl Dockerd {
     }
 
     pub async fn start_with(trap: &Trap, setup: DockerdSetup<'_>) -> Self {
-        let store = setup.store;
         let major = tool_version("dockerd").await.0.unwrap_or(0);
         let containerd = Containerd::start().await;
         let dir = tempfile::tempdir().unwrap();
@@ -973,11 +951,6 @@ impl Dockerd {
         if major <= 24 {
             // libtrust's key, /etc/docker/key.json by default (removed in Engine 25).
             config["deprecated-key-path"] = json!(d.join("key.json"));
-        }
-        if store == ImageStore::Containerd {
-            config["features"] = json!({"containerd-snapshotter": true});
-            // With the containerd store, storage-driver names a containerd snapshotter.
-            config["storage-driver"] = json!("native");
         }
         let mut mounts: Vec<(&str, PathBuf)> = Vec::new();
         let etc_docker = setup.own_etc_docker.then(|| {
@@ -1017,7 +990,6 @@ impl Dockerd {
             containerd,
             dir,
             socket,
-            store,
             etc_docker,
         };
         let started = Instant::now();
@@ -1128,26 +1100,15 @@ impl Dockerd {
         assert!(out.ok, "{}\n{}", out.text(), self.logs());
     }
 
-    /// The store dockerd reports: `DriverStatus` holds `driver-type io.containerd.snapshotter.v1`
-    /// with the containerd image store.
-    pub async fn reported_store(&self) -> ImageStore {
+    /// Whether dockerd runs the containerd image store: its `DriverStatus` then holds
+    /// `driver-type io.containerd.snapshotter.v1` (a newer Engine may default to it).
+    pub async fn uses_containerd_image_store(&self) -> bool {
         let out = self
             .docker(&["info", "--format", "{{json .DriverStatus}}"])
             .await;
         assert!(out.ok, "{}\n{}", out.text(), self.logs());
-        if out.stdout.contains("io.containerd.snapshotter") {
-            ImageStore::Containerd
-        } else {
-            ImageStore::Classic
-        }
+        out.stdout.contains("io.containerd.snapshotter")
     }
-}
-
-/// Whether this dockerd has the containerd image store (`features.containerd-snapshotter`,
-/// usable from Engine 24).
-pub async fn dockerd_has_containerd_store() -> (bool, String) {
-    let (major, version) = tool_version("dockerd").await;
-    (major.unwrap_or(0) >= 24, version)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //! - [`fake`]: a small scripted upstream for what a real registry will not do on demand;
 //! - this file: tool checks, an HTTP client, gantry started in-process, skopeo helpers.
 //!
-//! A missing tool fails the test under CI (`CI` set) and skips it loudly otherwise.
+//! A test skips only through [`skip_unless`] (a missing tool: [`require_tools`]): under CI (`CI` set)
+//! that fails the test, otherwise it says `SKIPPED` and why.
 #![allow(dead_code)]
 
 pub mod clients;
@@ -13,6 +14,7 @@ pub mod fake;
 pub mod images;
 pub mod metrics;
 pub mod process;
+pub mod raw_fake;
 pub mod redis;
 pub mod registry;
 
@@ -34,25 +36,34 @@ use gantry::server::Running;
 pub use images::{Image, Layout};
 pub use registry::{CountingProxy, Registry};
 
-/// Returns false (after saying so) when a tool is missing outside CI; panics when it is missing in CI.
+/// The only way a test skips: true when `condition` holds; otherwise false after printing
+/// `SKIPPED: reason`, or a panic when `CI` is set, so a skip never passes as coverage in CI.
+/// Use as `if !skip_unless(cond, "why") { return; }`.
+pub fn skip_unless(condition: bool, reason: &str) -> bool {
+    if condition {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{reason} (CI is set, so this test may not skip)");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+/// [`skip_unless`] every tool is on the PATH.
 pub fn require_tools(tools: &[&str]) -> bool {
     let missing: Vec<&str> = tools
         .iter()
         .copied()
         .filter(|tool| which(tool).is_none())
         .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!(
-        "missing tools: {} (scripts/test installs them)",
-        missing.join(", ")
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{message}");
-    }
-    eprintln!("SKIPPED: {message}");
-    false
+    skip_unless(
+        missing.is_empty(),
+        &format!(
+            "missing tools: {} (scripts/test installs them)",
+            missing.join(", ")
+        ),
+    )
 }
 
 pub fn which(tool: &str) -> Option<std::path::PathBuf> {
