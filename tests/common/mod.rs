@@ -10,9 +10,11 @@
 
 pub mod clients;
 pub mod fake;
+pub mod gauge;
 pub mod images;
 pub mod metrics;
 pub mod process;
+pub mod realm;
 pub mod redis;
 pub mod registry;
 
