@@ -355,3 +355,34 @@ fn padded_json(json: &str, size: usize) -> Bytes {
     bytes.resize(size, b' ');
     Bytes::from(bytes)
 }
+
+/// No route reads a request body: a request announcing a 1 GB body that never comes is answered
+/// at once, on the base route and on the (refused) upload route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_never_read() {
+    let upstream = Fake::start(|_| Scripted::new(StatusCode::NOT_FOUND)).await;
+    let gantry = Gantry::start(&upstream.url()).await;
+    for (request, status) in [
+        ("GET /v2/", "200"),
+        ("PUT /v2/team/app/blobs/uploads/1", "405"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(gantry.host()).await.unwrap();
+        stream
+            .write_all(
+                format!("{request} HTTP/1.1\r\nhost: gantry\r\ncontent-length: 1000000000\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(PROMPT, stream.read_exact(&mut head))
+            .await
+            .unwrap_or_else(|_| panic!("{request}: no answer while the body is missing"))
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&head),
+            format!("HTTP/1.1 {status}"),
+            "{request}"
+        );
+    }
+}

@@ -505,3 +505,54 @@ async fn upstream_credentials_need_client_auth_or_public() {
         );
     }
 }
+
+/// A blob redirect's URL is signed (its query is a credential of sorts): even at `debug`, gantry
+/// logs the redirect by host only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_redirect_urls_are_logged_by_host_only() {
+    const SIGNATURE: &str = "sig-never-logged";
+    let content = b"blob behind a signed redirect".to_vec();
+    let digest = file_digest_of(&content);
+    let served = content.clone();
+    let cdn = common::fake::Fake::start(move |_| {
+        common::fake::Scripted::new(StatusCode::OK)
+            .header("content-length", &served.len().to_string())
+            .body(served.clone())
+    })
+    .await;
+    let location = format!(
+        "http://localhost:{}/cdn/blob?X-Signature={SIGNATURE}",
+        cdn.addr.port()
+    );
+    let registry = common::fake::Fake::start(move |_| {
+        common::fake::Scripted::new(StatusCode::TEMPORARY_REDIRECT).header("location", &location)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        extra: "log:\n  level: debug",
+        ..Options::default()
+    };
+    let mut gantry = GantryProcess::configure(dir.path(), &registry.url(), options);
+    gantry.start().await;
+    let reply = http_get(&gantry.url(&format!("/v2/team/app/blobs/{digest}")), &[])
+        .await
+        .unwrap();
+    assert_eq!(&reply.body[..], &content[..]);
+    assert!(
+        cdn.seen()[0].uri.contains(SIGNATURE),
+        "the CDN got the signed URL"
+    );
+    let logged = common::wait_until(Duration::from_secs(10), || async {
+        gantry.log().contains("following a redirect")
+    })
+    .await;
+    let log = gantry.log();
+    assert!(logged, "the redirect is logged at debug:\n{log}");
+    assert!(!log.contains(SIGNATURE), "the signed URL is logged:\n{log}");
+}
+
+fn file_digest_of(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
