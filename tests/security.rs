@@ -556,3 +556,33 @@ fn file_digest_of(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
+
+/// `gantry check-config` prints the effective configuration with every secret redacted: upstream
+/// passwords (for `mirroring` and `registries[]`) and the Redis URL, which may carry a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_redacts_passwords_and_the_redis_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        mirroring: "  username: mirror\n  password: mirror-pw-secret\n  public: true",
+        extra: "cache:\n  redis: redis://:redis-pw-secret@127.0.0.1:6379/0\nregistries:\n  - host: ghcr.io\n    url: https://ghcr.io\n    username: u\n    password: ghcr-pw-secret\n    public: true\n",
+        ..Options::default()
+    };
+    let config = dir.path().join("gantry.yaml");
+    std::fs::write(
+        &config,
+        common::config_yaml(dir.path(), "http://127.0.0.1:1", options),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed}");
+    assert!(printed.contains("username: mirror"), "{printed}");
+    assert_eq!(printed.matches("<redacted>").count(), 3, "{printed}");
+    for secret in ["mirror-pw-secret", "redis-pw-secret", "ghcr-pw-secret"] {
+        assert!(!printed.contains(secret), "{secret}: {printed}");
+    }
+}
