@@ -318,10 +318,271 @@ async fn sighup_rereads_the_htpasswd_file() {
     );
     assert_eq!(status("bob", "bob-pw").await, StatusCode::UNAUTHORIZED);
 
-    // A file that does not load leaves the users in place.
+    // A file that does not load leaves the users in place. The reload has happened (and failed)
+    // once gantry says so; only then do the checks below say anything.
     std::fs::write(&users, "alice:plaintext-is-refused\n").unwrap();
     gantry.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = common::wait_until(Duration::from_secs(10), || async {
+        gantry.log().contains("SIGHUP: keeping the current users")
+    })
+    .await;
+    assert!(refused, "gantry logs the failed reload:\n{}", gantry.log());
     assert_eq!(status("carol", "carol-pw").await, StatusCode::OK);
     assert_eq!(status("alice", "alice-new").await, StatusCode::OK);
+}
+
+/// A Bearer registry whose challenge names `realm`; it accepts the token `good`.
+async fn bearer_registry(realm: String) -> common::fake::Fake {
+    common::fake::Fake::start(move |seen| {
+        if seen.authorization().as_deref() != Some("Bearer good") {
+            return common::fake::Scripted::new(StatusCode::UNAUTHORIZED).header(
+                "www-authenticate",
+                &format!(r#"Bearer realm="{realm}",service="s""#),
+            );
+        }
+        common::fake::Scripted::new(StatusCode::OK)
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(r#"{"schemaVersion":2}"#)
+    })
+    .await
+}
+
+/// `token_realms` entries are URL prefixes: a realm under a listed prefix gets the credentials,
+/// a realm on the listed host under another path, or on another host with the listed path, is
+/// asked anonymously (and the pull still works with the anonymous token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_realms_not_under_a_listed_prefix_get_no_credentials() {
+    let listed_host = common::realm::Realm::start([127, 0, 0, 1].into()).await;
+    let other_host = common::realm::Realm::start([127, 0, 0, 2].into()).await;
+    // The registry is 127.0.0.1; `localhost` is another host name to gantry.
+    let listed = format!("http://localhost:{}/token", listed_host.addr.port());
+    let credentials = format!(
+        "  username: puller\n  password: pull-secret\n  public: true\n  token_realms: [\"{listed}\"]"
+    );
+    let options = Options {
+        mirroring: &credentials,
+        ..Options::default()
+    };
+    let cases = [
+        (listed.clone(), true),
+        (
+            format!(
+                "http://localhost:{}/elsewhere/token",
+                listed_host.addr.port()
+            ),
+            false,
+        ),
+        (format!("{}/token", other_host.origin()), false),
+    ];
+    for (realm, trusted) in cases {
+        let registry = bearer_registry(realm.clone()).await;
+        let gantry =
+            Gantry::start_with(tempfile::tempdir().unwrap(), &registry.url(), options).await;
+        let reply = http_get(
+            &gantry.url("/v2/team/app/manifests/v1"),
+            &[("accept", "application/vnd.oci.image.manifest.v1+json")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{realm}: {:?}", reply.body);
+        let path = http::Uri::try_from(realm.as_str())
+            .unwrap()
+            .path()
+            .to_owned();
+        let server = if realm.starts_with(&other_host.origin()) {
+            &other_host
+        } else {
+            &listed_host
+        };
+        let asked: Vec<Option<String>> = server
+            .seen()
+            .into_iter()
+            .filter(|(seen_path, _)| *seen_path == path)
+            .map(|(_, authorization)| authorization)
+            .collect();
+        assert!(!asked.is_empty(), "{realm} was asked for a token");
+        let expected = trusted.then(|| basic("puller", "pull-secret"));
+        assert!(
+            asked.iter().all(|authorization| *authorization == expected),
+            "{realm}: trusted {trusted}, sent {asked:?}"
+        );
+        listed_host.clear();
+        other_host.clear();
+    }
+}
+
+/// gantry may hold upstream credentials when clients must authenticate (`auth:`): it starts,
+/// authenticated clients pull with the upstream credentials, anonymous ones are refused before
+/// anything goes upstream. Without `auth:` (or `public: true`) the same config refuses to start,
+/// naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_credentials_need_client_auth_or_public() {
+    let upstream_basic = basic("mirror", "upstream-secret");
+    let expected = upstream_basic.clone();
+    let upstream = common::fake::Fake::start(move |seen| {
+        if seen.authorization().as_deref() != Some(expected.as_str()) {
+            return common::fake::Scripted::new(StatusCode::UNAUTHORIZED)
+                .header("www-authenticate", r#"Basic realm="upstream""#);
+        }
+        common::fake::Scripted::new(StatusCode::OK)
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(r#"{"schemaVersion":2}"#)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = htpasswd(dir.path());
+    let credentials = "  username: mirror\n  password: upstream-secret";
+    let auth = format!("auth:\n  htpasswd: {}\n", users.display());
+    let options = Options {
+        mirroring: credentials,
+        extra: &auth,
+        ..Options::default()
+    };
+    let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &upstream.url(), options).await;
+    let url = gantry.url("/v2/team/app/manifests/v1");
+    let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
+    let anonymous = http_get(&url, &[accept]).await.unwrap();
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    assert!(upstream.seen().is_empty(), "nothing went upstream for it");
+    let alice = basic("alice", "alice-pw");
+    let reply = http_get(&url, &[accept, ("authorization", &alice)])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .any(|s| s.authorization().as_deref() == Some(upstream_basic.as_str())),
+        "gantry used its upstream credentials"
+    );
+
+    // The same credentials, without `auth:`: for mirroring and for a registries[] entry.
+    let registry = format!(
+        "registries:\n  - host: private.example\n    url: {}\n    insecure: true\n    username: mirror\n    password: upstream-secret\n",
+        upstream.url()
+    );
+    for (key, options) in [
+        (
+            "mirroring",
+            Options {
+                mirroring: credentials,
+                ..Options::default()
+            },
+        ),
+        (
+            "registries[0]",
+            Options {
+                extra: &registry,
+                ..Options::default()
+            },
+        ),
+    ] {
+        let config = dir.path().join(format!("{key}.yaml"));
+        std::fs::write(
+            &config,
+            common::config_yaml(dir.path(), &upstream.url(), options),
+        )
+        .unwrap();
+        let output = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("gantry refuses at once instead of serving")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{key}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "{key}: gantry holds credentials for this upstream"
+            )) && stderr.contains("configure `auth:`"),
+            "{key}: {stderr}"
+        );
+    }
+}
+
+/// A blob redirect's URL is signed (its query is a credential of sorts): even at `debug`, gantry
+/// logs the redirect by host only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_redirect_urls_are_logged_by_host_only() {
+    const SIGNATURE: &str = "sig-never-logged";
+    let content = b"blob behind a signed redirect".to_vec();
+    let digest = file_digest_of(&content);
+    let served = content.clone();
+    let cdn = common::fake::Fake::start(move |_| {
+        common::fake::Scripted::new(StatusCode::OK)
+            .header("content-length", &served.len().to_string())
+            .body(served.clone())
+    })
+    .await;
+    let location = format!(
+        "http://localhost:{}/cdn/blob?X-Signature={SIGNATURE}",
+        cdn.addr.port()
+    );
+    let registry = common::fake::Fake::start(move |_| {
+        common::fake::Scripted::new(StatusCode::TEMPORARY_REDIRECT).header("location", &location)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        extra: "log:\n  level: debug",
+        ..Options::default()
+    };
+    let mut gantry = GantryProcess::configure(dir.path(), &registry.url(), options);
+    gantry.start().await;
+    let reply = http_get(&gantry.url(&format!("/v2/team/app/blobs/{digest}")), &[])
+        .await
+        .unwrap();
+    assert_eq!(&reply.body[..], &content[..]);
+    assert!(
+        cdn.seen()[0].uri.contains(SIGNATURE),
+        "the CDN got the signed URL"
+    );
+    let logged = common::wait_until(Duration::from_secs(10), || async {
+        gantry.log().contains("following a redirect")
+    })
+    .await;
+    let log = gantry.log();
+    assert!(logged, "the redirect is logged at debug:\n{log}");
+    assert!(!log.contains(SIGNATURE), "the signed URL is logged:\n{log}");
+}
+
+fn file_digest_of(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// `gantry check-config` prints the effective configuration with every secret redacted: upstream
+/// passwords (for `mirroring` and `registries[]`) and the Redis URL, which may carry a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_redacts_passwords_and_the_redis_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        mirroring: "  username: mirror\n  password: mirror-pw-secret\n  public: true",
+        extra: "cache:\n  redis: redis://:redis-pw-secret@127.0.0.1:6379/0\nregistries:\n  - host: ghcr.io\n    url: https://ghcr.io\n    username: u\n    password: ghcr-pw-secret\n    public: true\n",
+        ..Options::default()
+    };
+    let config = dir.path().join("gantry.yaml");
+    std::fs::write(
+        &config,
+        common::config_yaml(dir.path(), "http://127.0.0.1:1", options),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed}");
+    assert!(printed.contains("username: mirror"), "{printed}");
+    assert_eq!(printed.matches("<redacted>").count(), 3, "{printed}");
+    for secret in ["mirror-pw-secret", "redis-pw-secret", "ghcr-pw-secret"] {
+        assert!(!printed.contains(secret), "{secret}: {printed}");
+    }
 }

@@ -11,10 +11,12 @@
 
 pub mod clients;
 pub mod fake;
+pub mod gauge;
 pub mod images;
 pub mod metrics;
 pub mod process;
 pub mod raw_fake;
+pub mod realm;
 pub mod redis;
 pub mod registry;
 
