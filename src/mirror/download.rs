@@ -57,9 +57,16 @@ pub struct Progress {
 /// A download in progress, shared by every request for its digest.
 pub struct Flight {
     progress: watch::Receiver<Progress>,
+    /// `<registry>/<repository>` the upstream is asked under: joiners asking under the same one
+    /// need no check that it references the blob (see `store::links`).
+    repository: String,
 }
 
 impl Flight {
+    pub fn asked_under(&self, repository: &str) -> bool {
+        self.repository == repository
+    }
+
     /// Waits for the upstream's answer: the blob's size (if the upstream sent one) or the error.
     pub async fn started(&self) -> Result<Option<u64>, MirrorError> {
         let mut progress = self.progress.clone();
@@ -119,6 +126,7 @@ impl Mirror {
         let (first_tx, first_rx) = mpsc::channel(FIRST_CLIENT_CHANNEL);
         let flight = Arc::new(Flight {
             progress: progress_rx,
+            repository: format!("{}/{repo}", upstream.name()),
         });
         flights.insert(digest.clone(), Arc::clone(&flight));
         drop(flights);

@@ -716,7 +716,7 @@ impl Mirror {
                 .get(digest)
                 .cloned();
             if let Some(flight) = running {
-                if !linked {
+                if !linked && !flight.asked_under(&repository_key(target)) {
                     self.confirm_with_upstream(target, "blobs", digest, None)
                         .await?;
                 }
@@ -751,7 +751,7 @@ impl Mirror {
         }
         let (flight, first) = self.join_or_start(upstream, &target.repo, digest);
         // A download started under another repository proves nothing about this one.
-        if first.is_none() && !linked {
+        if first.is_none() && !linked && !flight.asked_under(&repository_key(target)) {
             self.confirm_with_upstream(target, "blobs", digest, None)
                 .await?;
         }

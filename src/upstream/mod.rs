@@ -385,7 +385,7 @@ impl Upstream {
         let listed = self
             .token_realms
             .iter()
-            .any(|prefix| realm.to_string().starts_with(prefix.as_str()));
+            .any(|listed| realm_is_listed(listed, realm));
         listed || (https && same_parent_domain(host, self.base.host()))
     }
 
@@ -570,6 +570,27 @@ fn resolve_location(base: &Uri, location: &str) -> Option<Uri> {
     None
 }
 
+/// A `token_realms` entry names an origin exactly and, optionally, a path prefix: a plain text
+/// prefix would let `https://auth.example` also trust `https://auth.example.evil/`.
+fn realm_is_listed(listed: &str, realm: &Uri) -> bool {
+    let Ok(listed) = listed.parse::<Uri>() else {
+        return false;
+    };
+    let same_origin = listed.scheme() == realm.scheme()
+        && listed
+            .authority()
+            .zip(realm.authority())
+            .is_some_and(|(a, b)| a.as_str().eq_ignore_ascii_case(b.as_str()));
+    let prefix = listed.path().trim_end_matches('/');
+    let path = realm.path();
+    same_origin
+        && (prefix.is_empty()
+            || path == prefix
+            || path
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('/')))
+}
+
 /// `auth.docker.io` and `registry-1.docker.io` share `docker.io`; IP addresses share nothing.
 fn same_parent_domain(a: &str, b: &str) -> bool {
     let parent = |host: &str| -> Option<String> {
@@ -644,6 +665,43 @@ mod tests {
             "https://cdn.example/y"
         );
         assert!(resolve_location(&base, "relative").is_none());
+    }
+
+    #[test]
+    fn listed_realms_match_by_origin_then_path() {
+        let realm = |text: &str| text.parse::<Uri>().unwrap();
+        assert!(realm_is_listed(
+            "https://auth.example",
+            &realm("https://auth.example/token")
+        ));
+        assert!(realm_is_listed(
+            "https://auth.example/",
+            &realm("https://AUTH.example/token?x=1")
+        ));
+        assert!(realm_is_listed(
+            "https://auth.example/v2",
+            &realm("https://auth.example/v2/token")
+        ));
+        assert!(realm_is_listed(
+            "https://auth.example/v2/token",
+            &realm("https://auth.example/v2/token")
+        ));
+        for other in [
+            "https://auth.example.evil/token",
+            "https://auth.example:8443/token",
+            "http://auth.example/token",
+            "https://auth.example/v2token",
+            "https://evil.example/https://auth.example",
+        ] {
+            assert!(
+                !realm_is_listed("https://auth.example/v2", &realm(other)),
+                "{other}"
+            );
+        }
+        assert!(!realm_is_listed(
+            "https://auth.example",
+            &realm("https://auth.example.evil/")
+        ));
     }
 
     #[test]
