@@ -213,3 +213,65 @@ async fn a_shared_layer_is_confirmed_once_per_repository() {
         1.0
     );
 }
+
+/// A download started under one repository is not joined under another without the upstream's
+/// word: the second repository's request is checked with a HEAD (here: 404) while the first
+/// client's download runs on, held at a gate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_in_flight_is_joined_only_under_a_repository_the_upstream_confirms() {
+    use common::raw_fake::{Gate, Raw, RawFake};
+    let content = bytes::Bytes::from(vec![7u8; 2 << 20]);
+    let digest = sha256(&content);
+    let gate = Gate::new();
+    let (held, body, served) = (gate.clone(), content.clone(), digest.clone());
+    let upstream = RawFake::start(move |target| {
+        if target.contains(&format!("/v2/team/one/blobs/{served}")) {
+            return Raw::head(
+                200,
+                &[
+                    ("content-type", "application/octet-stream"),
+                    ("content-length", &body.len().to_string()),
+                ],
+            )
+            .bytes(body.slice(..1 << 20))
+            .gate(&held)
+            .bytes(body.slice(1 << 20..));
+        }
+        Raw::not_found()
+    })
+    .await;
+    let gantry = Gantry::start(&upstream.url()).await;
+    let first = tokio::spawn({
+        let url = gantry.url(&format!("/v2/team/one/blobs/{digest}"));
+        async move { http_get(&url, &[]).await }
+    });
+    let in_flight = common::wait_until(Duration::from_secs(10), || async {
+        value(&gantry.metrics().await, "gantry_downloads_in_flight") == 1.0
+    })
+    .await;
+    assert!(in_flight, "the first download is running");
+    let other = http_get(&gantry.url(&format!("/v2/team/two/blobs/{digest}")), &[])
+        .await
+        .unwrap();
+    assert_eq!(other.status, StatusCode::NOT_FOUND, "{:?}", other.body);
+    let seen = upstream.seen();
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("HEAD") && r.contains("/v2/team/two/blobs/")),
+        "{seen:?}"
+    );
+    assert!(!gate.is_open());
+    gate.open();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(sha256(&first.body), digest);
+    let metrics = gantry.metrics().await;
+    assert_eq!(value(&metrics, "gantry_download_joins_total"), 1.0);
+    assert_eq!(
+        value(
+            &metrics,
+            r#"gantry_repository_checks_total{result="refused"}"#
+        ),
+        1.0
+    );
+}
