@@ -29,10 +29,13 @@ pub struct Metrics {
     pub downloads_in_flight: IntGauge,
     /// Requests that followed a download another request had started.
     pub download_joins: IntCounter,
+    /// Downloads shed because every slot was busy and the queue full or its wait over.
+    pub downloads_shed: IntCounter,
     /// Downloads discarded, by reason (`mirror::download::failure_reason`): `bad_content` (the
     /// body does not match its digest or its announced size), `upstream_unavailable` (connection,
     /// first-byte or idle timeout, broken body, `timeouts.download` exceeded), `upstream_status`
-    /// (an error status), `io` (our own disk: a full disk, a failed commit).
+    /// (an error status), `io` (our own disk: a full disk, a failed commit), `shed` (no download
+    /// slot in time: `limits.max_queued_downloads`, `timeouts.download_queue`).
     pub download_failures: IntCounterVec,
     pub store_bytes: IntGauge,
     pub store_entries: IntGauge,
@@ -122,6 +125,10 @@ impl Metrics {
             download_joins: counter(
                 "gantry_download_joins_total",
                 "Requests that followed a download already in progress instead of starting one.",
+            ),
+            downloads_shed: counter(
+                "gantry_downloads_shed_total",
+                "Blob downloads answered 503 because limits.max_downloads were busy and the queue was full or timeouts.download_queue passed.",
             ),
             download_failures: counter_vec(
                 "gantry_download_failures_total",

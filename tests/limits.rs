@@ -386,3 +386,103 @@ async fn request_bodies_are_never_read() {
         );
     }
 }
+
+/// With every `limits.max_downloads` slot held by a stalled download, a new download waits at
+/// most `timeouts.download_queue`, and one past `limits.max_queued_downloads` not at all: each
+/// gets a quick `503 UNAVAILABLE` with `Retry-After`, never an hour's hang. Once the slot frees,
+/// downloads run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_past_the_slots_and_the_queue_are_shed_quickly() {
+    use common::metrics::value;
+    use common::raw_fake::{Gate, Raw, RawFake};
+    let blobs: Vec<(Bytes, String)> = (0..4u8)
+        .map(|i| {
+            let content = Bytes::from(vec![i; 256 << 10]);
+            let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
+            (content, digest)
+        })
+        .collect();
+    let gate = Gate::new();
+    let (held, served) = (gate.clone(), blobs.clone());
+    let upstream = RawFake::start(move |target| {
+        let Some((content, _)) = served.iter().find(|(_, d)| target.ends_with(d.as_str())) else {
+            return Raw::not_found();
+        };
+        Raw::head(
+            200,
+            &[
+                ("content-type", "application/octet-stream"),
+                ("content-length", &content.len().to_string()),
+            ],
+        )
+        .bytes(content.slice(..1024))
+        .gate(&held)
+        .bytes(content.slice(1024..))
+    })
+    .await;
+    let options = Options {
+        extra: "limits:\n  max_downloads: 1\n  max_queued_downloads: 1",
+        timeouts: "  download_queue: 2s",
+        ..Options::default()
+    };
+    let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &upstream.url(), options).await;
+    let url = |i: usize| gantry.url(&format!("/v2/team/app/blobs/{}", blobs[i].1));
+
+    // The slot: a download held at the gate.
+    let holder = tokio::spawn(http_get_owned(url(0)));
+    let started = common::wait_until(Duration::from_secs(10), || async {
+        upstream.seen().iter().any(|r| r.contains(&blobs[0].1))
+    })
+    .await;
+    assert!(started);
+    // The queue: one download waiting.
+    let queued_at = Instant::now();
+    let queued = tokio::spawn(http_get_owned(url(1)));
+    let waiting = common::wait_until(Duration::from_secs(10), || async {
+        value(&gantry.metrics().await, "gantry_downloads_in_flight") == 2.0
+    })
+    .await;
+    assert!(waiting);
+    // Past the queue: shed at once.
+    let at = Instant::now();
+    let shed = http_get(&url(2), &[]).await.unwrap();
+    assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.error_code().as_deref(), Some("UNAVAILABLE"));
+    assert_eq!(shed.header("retry-after"), Some("2"));
+    assert!(at.elapsed() < Duration::from_secs(1), "{:?}", at.elapsed());
+    // The queued one: shed once its wait is over, not after timeouts.download.
+    let queued = queued.await.unwrap();
+    assert_eq!(queued.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(queued.header("retry-after").is_some());
+    let waited = queued_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    // Nothing shed reached the upstream.
+    let seen = upstream.seen();
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.contains(&blobs[1].1) || r.contains(&blobs[2].1)),
+        "{seen:?}"
+    );
+    let metrics = gantry.metrics().await;
+    assert_eq!(value(&metrics, "gantry_downloads_shed_total"), 2.0);
+    assert_eq!(
+        value(&metrics, r#"gantry_download_failures_total{reason="shed"}"#),
+        2.0
+    );
+    // The slot frees: the held download completes and a new one runs.
+    gate.open();
+    let holder = holder.await.unwrap();
+    assert_eq!(holder.status, StatusCode::OK);
+    assert_eq!(holder.body, blobs[0].0);
+    let after = http_get(&url(3), &[]).await.unwrap();
+    assert_eq!(after.status, StatusCode::OK);
+    assert_eq!(after.body, blobs[3].0);
+}
+
+async fn http_get_owned(url: String) -> Reply {
+    http_get(&url, &[]).await.unwrap()
+}

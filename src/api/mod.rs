@@ -581,6 +581,12 @@ pub fn error_response(error: &MirrorError, route: &Route) -> Response<ResponseBo
             format!("{registry} sent content that failed verification; nothing was cached"),
         ),
         MirrorError::Store(_) => OciError::new(ErrorCode::Unavailable, "the mirror's storage failed"),
+        MirrorError::Overloaded { retry_after_secs, .. } => {
+            return error_with_headers(
+                OciError::new(ErrorCode::Unavailable, "the mirror is at its limit of upstream downloads; retry shortly"),
+                &[(RETRY_AFTER, retry_after_secs.to_string())],
+            );
+        }
     };
     error_with_headers(oci, &[])
 }

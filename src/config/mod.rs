@@ -271,6 +271,9 @@ pub struct Timeouts {
     pub idle: Seconds,
     /// Longest a whole blob download may take; it belongs to the mirror, not to a client.
     pub download: Seconds,
+    /// Longest a download waits for a `limits.max_downloads` slot before it is shed with `503`
+    /// and `Retry-After`; the wait does not count against `download`.
+    pub download_queue: Seconds,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown: Seconds,
     /// How long a client may take to send its request headers.
@@ -287,8 +290,11 @@ pub struct Limits {
     pub max_manifest_size: ByteSize,
     /// Client connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
-    /// Blob downloads from upstreams at once; more wait their turn (within `timeouts.download`).
+    /// Blob downloads from upstreams at once; more wait their turn (`timeouts.download_queue`).
     pub max_downloads: usize,
+    /// Downloads waiting for one of `max_downloads` at once; past it a new download is shed
+    /// at once (`503` with `Retry-After`) rather than queued.
+    pub max_queued_downloads: usize,
     /// Requests per second one client (an IPv4 address or an IPv6 /64) may make on the client
     /// listener, as a token bucket; more are answered `429` with `Retry-After`. Absent: no limit.
     pub requests_per_second_per_client: Option<f64>,
@@ -410,6 +416,7 @@ impl Default for Timeouts {
             first_byte: secs(30),
             idle: secs(60),
             download: secs(3600),
+            download_queue: secs(10),
             shutdown: secs(30),
             header_read: secs(30),
             send: secs(60),
@@ -423,6 +430,7 @@ impl Default for Limits {
             max_manifest_size: ByteSize(8 << 20),
             max_connections: 4096,
             max_downloads: 64,
+            max_queued_downloads: 256,
             requests_per_second_per_client: None,
             requests_burst_per_client: None,
         }
@@ -571,6 +579,7 @@ impl Config {
             ("timeouts.first_byte", self.timeouts.first_byte),
             ("timeouts.idle", self.timeouts.idle),
             ("timeouts.download", self.timeouts.download),
+            ("timeouts.download_queue", self.timeouts.download_queue),
             ("timeouts.header_read", self.timeouts.header_read),
             ("timeouts.send", self.timeouts.send),
         ] {

@@ -139,21 +139,20 @@ impl Mirror {
         // Owned by the mirror through `flights`; ends when the download commits, fails or times out.
         tokio::spawn(async move {
             let limit = mirror.download_timeout;
-            let slots = Arc::clone(&mirror.download_slots);
-            let outcome = tokio::time::timeout(limit, async {
-                // Waiting for a slot counts against the download's time limit.
-                let _slot = slots.acquire_owned().await.map_err(|_| lost())?;
-                mirror
-                    .download(&upstream, &repo, &digest, &progress_tx, Some(first_tx))
-                    .await
-            })
-            .await
-            .unwrap_or_else(|_| {
-                Err(MirrorError::Unavailable {
-                    registry: upstream.name().to_owned(),
-                    reason: format!("the download took longer than {limit:?}"),
-                })
-            });
+            let outcome = match mirror.download_slot().await {
+                Err(shed) => Err(shed),
+                Ok(_slot) => tokio::time::timeout(
+                    limit,
+                    mirror.download(&upstream, &repo, &digest, &progress_tx, Some(first_tx)),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(MirrorError::Unavailable {
+                        registry: upstream.name().to_owned(),
+                        reason: format!("the download took longer than {limit:?}"),
+                    })
+                }),
+            };
             // Leave the map before publishing the outcome: a request arriving now finds the blob
             // in the store (or starts afresh after a failure).
             mirror
@@ -176,6 +175,37 @@ impl Mirror {
             }
         });
         (flight, Some(first_rx))
+    }
+
+    /// One of `limits.max_downloads` slots. With every slot busy a download waits, but only
+    /// `timeouts.download_queue` long and only behind `limits.max_queued_downloads` others; past
+    /// either it is shed with a quick `503` and `Retry-After` (linkerd's load shedding) instead of
+    /// holding its clients for up to `timeouts.download`.
+    async fn download_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, MirrorError> {
+        use std::sync::atomic::Ordering;
+        let slots = Arc::clone(&self.download_slots);
+        if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+            return Ok(slot);
+        }
+        let wait = self.download_queue_wait;
+        let shed = |waited| {
+            self.metrics.downloads_shed.inc();
+            MirrorError::Overloaded {
+                waited,
+                retry_after_secs: wait.as_secs().max(1),
+            }
+        };
+        let queued = self.queued_downloads.fetch_add(1, Ordering::SeqCst);
+        let waited = if queued >= self.max_queued_downloads {
+            Err(shed(std::time::Duration::ZERO))
+        } else {
+            match tokio::time::timeout(wait, slots.acquire_owned()).await {
+                Ok(slot) => slot.map_err(|_| lost()),
+                Err(_) => Err(shed(wait)),
+            }
+        };
+        self.queued_downloads.fetch_sub(1, Ordering::SeqCst);
+        waited
     }
 
     /// Fetches, verifies and commits one blob. Returns its size.
@@ -312,6 +342,7 @@ fn failure_reason(error: &MirrorError) -> &'static str {
         MirrorError::BadContent { .. } => "bad_content",
         MirrorError::Store(_) => "io",
         MirrorError::Unavailable { .. } => "upstream_unavailable",
+        MirrorError::Overloaded { .. } => "shed",
         MirrorError::UpstreamStatus { .. } | MirrorError::Request(_) => "upstream_status",
     }
 }

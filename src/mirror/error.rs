@@ -30,6 +30,12 @@ pub enum MirrorError {
         digest: String,
         reason: String,
     },
+    /// The mirror is at its limit of downloads and queued downloads: shed, to be retried.
+    #[error("too many downloads in progress; shed after {waited:?}")]
+    Overloaded {
+        waited: std::time::Duration,
+        retry_after_secs: u64,
+    },
     /// Our own disk failed.
     #[error("store: {0}")]
     Store(String),

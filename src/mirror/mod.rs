@@ -117,6 +117,10 @@ pub struct Mirror {
     download_timeout: Duration,
     /// Permits for upstream blob downloads (`limits.max_downloads`).
     download_slots: Arc<tokio::sync::Semaphore>,
+    /// Downloads waiting for a slot now, at most `limits.max_queued_downloads`.
+    queued_downloads: Arc<std::sync::atomic::AtomicUsize>,
+    max_queued_downloads: usize,
+    download_queue_wait: Duration,
 }
 
 impl Registry {
@@ -216,6 +220,9 @@ impl Mirror {
                 .unwrap_or(usize::MAX),
             download_timeout: config.timeouts.download.0,
             download_slots: Arc::new(tokio::sync::Semaphore::new(config.limits.max_downloads)),
+            queued_downloads: Arc::default(),
+            max_queued_downloads: config.limits.max_queued_downloads,
+            download_queue_wait: config.timeouts.download_queue.0,
         })
     }
 
@@ -926,7 +933,7 @@ fn serves_stale(error: &MirrorError) -> bool {
         MirrorError::UpstreamStatus { status, .. } => {
             status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
         }
-        MirrorError::Request(_) | MirrorError::Store(_) => false,
+        MirrorError::Request(_) | MirrorError::Store(_) | MirrorError::Overloaded { .. } => false,
     }
 }
 
