@@ -4,29 +4,71 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::fake::{Ending, Fake, Scripted};
+use common::metrics::value;
 use common::{
     blob_path, dir_is_empty, file_digest, http_get, pull, require_tools, wait_until, Fixture,
     Gantry, Layout, Options,
 };
 use http::StatusCode;
+use http_body_util::BodyExt;
 use sha2::Digest as _;
 
+const JOINS: &str = "gantry_download_joins_total";
+const BLOB_MISSES: &str = r#"gantry_cache_lookups_total{kind="blob",outcome="miss"}"#;
+
+/// Each blob is held at the upstream until all eight pulls have asked for it, so the pulls
+/// provably overlap: without the single flight each would make its own upstream GET. skopeo
+/// copies the blobs of a `dir:` image one at a time, so the gates open one by one, in the order
+/// the pulls ask.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_cold_pulls_fetch_each_blob_once() {
     if !require_tools(&["docker-registry", "skopeo"]) {
         return;
     }
+    const PULLS: usize = 8;
     let fixture = Fixture::start().await;
     let gantry = Gantry::start(&fixture.proxy.url()).await;
+    let gates: Vec<_> = fixture
+        .multi
+        .blobs()
+        .iter()
+        .map(|blob| fixture.proxy.hold(blob, 0))
+        .collect();
     let reference = format!("{}/test/multi:v1", gantry.host());
-    let pulls = (0..8).map(|_| pull(&reference, false));
-    let results = futures_util::future::join_all(pulls).await;
+    let pulls = tokio::spawn(async move {
+        futures_util::future::join_all((0..PULLS).map(|_| pull(&reference, false))).await
+    });
+    let mut opened = 0;
+    let mut all_joined = true;
+    while opened < gates.len() {
+        let wanted = ((PULLS - 1) * (opened + 1)) as f64;
+        all_joined = wait_until(Duration::from_secs(60), || async {
+            value(&gantry.metrics().await, JOINS) >= wanted
+        })
+        .await;
+        if !all_joined {
+            break;
+        }
+        for gate in gates.iter().filter(|gate| gate.held() > 0) {
+            assert_eq!(gate.held(), 1, "one upstream response per blob");
+            gate.open();
+            opened += 1;
+        }
+    }
+    let joins_when_done = value(&gantry.metrics().await, JOINS);
+    drop(gates);
+    let results = pulls.await.unwrap();
+    assert!(
+        all_joined,
+        "every pull joined the download of each held blob ({opened} released):\n{}",
+        gantry.metrics().await
+    );
     for (out, result) in &results {
         result.as_ref().expect("every concurrent pull succeeds");
         let image = out.path().join("image");
@@ -54,6 +96,15 @@ async fn eight_concurrent_cold_pulls_fetch_each_blob_once() {
         fixture.multi.blobs().len(),
         "no other blob was fetched: {gets:?}"
     );
+    let expected_joins = ((PULLS - 1) * gets.len()) as f64;
+    assert_eq!(joins_when_done, expected_joins);
+    let metrics = gantry.metrics().await;
+    assert_eq!(value(&metrics, JOINS), expected_joins, "{metrics}");
+    assert_eq!(
+        value(&metrics, BLOB_MISSES),
+        (PULLS * gets.len()) as f64,
+        "every blob request missed the store and joined or started its download"
+    );
     // The tag was resolved upstream once for all eight clients.
     assert_eq!(
         fixture.proxy.count(&http::Method::GET, "/manifests/v1"),
@@ -61,6 +112,87 @@ async fn eight_concurrent_cold_pulls_fetch_each_blob_once() {
         "{:?}",
         fixture.proxy.seen()
     );
+}
+
+/// Eight clients ask for one blob while its upstream response is held after its first MiB: one
+/// upstream GET, seven joins, and every client, followers included, has bytes while the download
+/// cannot have finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_stream_a_download_in_progress() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    const CLIENTS: usize = 8;
+    let fixture = Fixture::start().await;
+    let gantry = Gantry::start(&fixture.proxy.url()).await;
+    let (layer, size) = fixture
+        .multi
+        .layers
+        .iter()
+        .max_by_key(|(_, size)| *size)
+        .cloned()
+        .unwrap();
+    let gate = fixture.proxy.hold(&layer, 1 << 20);
+    let url = gantry.url(&format!("/v2/test/multi/blobs/{layer}"));
+    let received: Arc<Vec<AtomicU64>> = Arc::new((0..CLIENTS).map(|_| AtomicU64::new(0)).collect());
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (url, received) = (url.clone(), Arc::clone(&received));
+            tokio::spawn(async move {
+                let response = common::client()
+                    .request(
+                        http::Request::get(url.as_str())
+                            .body(http_body_util::Empty::new())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                let mut body = response.into_body();
+                let mut bytes = Vec::new();
+                while let Some(frame) = body.frame().await {
+                    if let Some(data) = frame.expect("the body completes").data_ref() {
+                        bytes.extend_from_slice(data);
+                        received[i].store(bytes.len() as u64, Ordering::SeqCst);
+                    }
+                }
+                bytes
+            })
+        })
+        .collect();
+    let progress = || -> Vec<u64> { received.iter().map(|r| r.load(Ordering::SeqCst)).collect() };
+    let overlapped = wait_until(Duration::from_secs(30), || async {
+        value(&gantry.metrics().await, JOINS) == (CLIENTS - 1) as f64
+            && progress().iter().all(|&bytes| bytes > 0)
+    })
+    .await;
+    // Observed with the upstream response still held: the download cannot have finished.
+    let (before_end, held, metrics) = (progress(), gate.held(), gantry.metrics().await);
+    let committed = blob_path(&gantry.dir.path().join("store"), &layer).exists();
+    gate.open();
+    let bodies = futures_util::future::join_all(clients).await;
+    assert!(
+        overlapped,
+        "{} clients joined one download and got bytes before its end: {before_end:?}\n{metrics}",
+        CLIENTS
+    );
+    assert_eq!(held, 1, "one upstream response, held");
+    assert!(!committed, "nothing committed while the upstream is held");
+    assert_eq!(value(&metrics, "gantry_downloads_in_flight"), 1.0);
+    assert!(
+        before_end.iter().all(|&bytes| bytes < size),
+        "no client had the whole blob before the upstream sent it: {before_end:?}"
+    );
+    for body in bodies {
+        assert_eq!(file_digest_of(&body.unwrap()), layer);
+    }
+    assert_eq!(fixture.proxy.blob_gets().get(&layer), Some(&1));
+    gantry.settled().await;
+    assert_eq!(value(&gantry.metrics().await, JOINS), (CLIENTS - 1) as f64);
+}
+
+fn file_digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,13 +235,40 @@ async fn warm_pulls_need_no_upstream_and_survive_an_outage() {
         .1
         .expect("a cached tag pulls with the upstream down");
 
-    // Something never cached is a clear, immediate error.
+    assert!(
+        fixture.proxy.refused().is_empty(),
+        "cached content asks nothing of the upstream: {:?}",
+        fixture.proxy.refused()
+    );
+
+    // Something never cached is a clear, immediate error: one attempt, no retry, no wait.
+    let started = Instant::now();
     let missing = http_get(&gantry.url("/v2/test/other/manifests/v1"), &[])
         .await
         .unwrap();
+    let elapsed = started.elapsed();
     assert_eq!(missing.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(missing.error_code().as_deref(), Some("UNAVAILABLE"));
-    assert!(fixture.proxy.seen().is_empty());
+    let attempts: Vec<(http::Method, String)> = fixture
+        .proxy
+        .refused()
+        .into_iter()
+        .map(|seen| (seen.method, seen.path))
+        .collect();
+    assert_eq!(
+        attempts,
+        [(http::Method::GET, "/v2/test/other/manifests/v1".to_owned())],
+        "one attempt reached the dead upstream"
+    );
+    assert!(
+        fixture.proxy.seen().is_empty(),
+        "{:?}",
+        fixture.proxy.seen()
+    );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "the error is immediate, not after a timeout or a retry: {elapsed:?}"
+    );
 }
 
 /// A scripted upstream serving one blob; `mode` picks how: 0 good, 1 truncated, 2 corrupt, 3 stall,
@@ -184,9 +343,13 @@ async fn truncated_or_corrupt_upstream_bodies_are_never_committed() {
         );
     }
     let metrics = gantry.metrics().await;
-    assert!(
-        metrics.contains("gantry_download_failures_total{reason=\"bad_content\"} 1"),
-        "{metrics}"
+    assert_eq!(
+        value(
+            &metrics,
+            r#"gantry_download_failures_total{reason="bad_content"}"#
+        ),
+        1.0,
+        "the corrupt body"
     );
 
     mode.store(0, Ordering::SeqCst);
@@ -318,9 +481,16 @@ async fn the_store_stays_under_max_size_keeping_recent_images() {
     capped.settled().await;
     assert!(present(&images[1]) && present(&images[3]));
     assert!(!present(&images[2]));
+    // Each image is two layers, a config and a manifest; what is not in the store was evicted.
     let metrics = capped.metrics().await;
-    assert!(
-        !metrics.contains("gantry_store_evictions_total 0"),
+    let stored = (images.len() * 4) as f64;
+    assert_eq!(
+        value(&metrics, "gantry_store_evictions_total"),
+        stored - value(&metrics, "gantry_store_entries"),
         "{metrics}"
+    );
+    assert!(
+        value(&metrics, "gantry_store_evictions_total") >= 4.0,
+        "at least the layers of two images: {metrics}"
     );
 }

@@ -80,6 +80,29 @@ async fn skopeo_copies_all_platforms_of_an_index() {
             );
         }
     }
-    // The index was fetched by tag once; its children by digest once each.
-    assert_eq!(fixture.proxy.count(&Method::GET, "/manifests/idx"), 1);
+    // A second copy is served from the store: whatever the clients ask, the index was fetched by
+    // tag once, its children by digest once each, and no other manifest was asked for.
+    let (_, again) = pull(&format!("{}/test/index:idx", gantry.host()), true).await;
+    again.expect("the second copy");
+    let mut manifest_gets: Vec<String> = fixture
+        .proxy
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.method == Method::GET && seen.path.contains("/manifests/"))
+        .map(|seen| seen.path)
+        .collect();
+    manifest_gets.sort();
+    let mut expected: Vec<String> = fixture
+        .platforms
+        .iter()
+        .map(|platform| format!("/v2/test/index/manifests/{}", platform.manifest_digest))
+        .chain(["/v2/test/index/manifests/idx".to_owned()])
+        .collect();
+    expected.sort();
+    assert_eq!(manifest_gets, expected);
+    // Each blob of each platform crossed the upstream link once.
+    let gets = fixture.proxy.blob_gets();
+    for blob in fixture.platforms.iter().flat_map(|p| p.blobs()) {
+        assert_eq!(gets.get(&blob), Some(&1), "{blob}: {gets:?}");
+    }
 }

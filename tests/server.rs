@@ -36,19 +36,29 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
     let mut gantry = GantryProcess::configure(dir.path(), &upstream.url(), Options::default());
     gantry.start().await;
 
-    // A download that takes ~1.6 s is in flight when SIGTERM arrives.
+    // A download that takes ~1.6 s is in flight when SIGTERM arrives: gantry has answered with
+    // its headers, and the upstream is still sending the body.
     let url = gantry.url(&format!("/v2/team/app/blobs/{digest}"));
-    let in_flight = tokio::spawn(async move { http_get(&url, &[]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let response = common::client()
+        .request(http::Request::get(url.as_str()).body(Empty::new()).unwrap())
+        .await
+        .expect("response headers");
+    assert_eq!(response.status(), StatusCode::OK);
     let signalled = Instant::now();
     gantry.signal("TERM");
 
-    let reply = in_flight
+    let body = response
+        .into_body()
+        .collect()
         .await
-        .unwrap()
-        .expect("the in-flight request completes");
-    assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(&reply.body[..], &content[..]);
+        .expect("the in-flight request completes")
+        .to_bytes();
+    assert_eq!(&body[..], &content[..]);
+    assert_eq!(
+        upstream.seen().len(),
+        1,
+        "the download started before the signal"
+    );
     let status = gantry.wait(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
     assert!(
@@ -153,11 +163,39 @@ async fn json_logs_have_one_line_per_request_and_no_secrets() {
     assert_eq!(manifest_line["complete"], true);
     let bad_line = requests.iter().find(|l| l["status"] == 400).unwrap();
     assert!(bad_line["error"].as_str().unwrap().contains("NAME_INVALID"));
+    // Debug level was on (the token fetch is logged at debug), and gantry did use the secrets:
+    // Basic credentials to the realm, the token to the registry.
     assert!(
-        !log.contains(PASSWORD),
-        "the upstream password is never logged"
+        lines
+            .iter()
+            .any(|l| l["level"] == "DEBUG" && l["message"] == "fetched an upstream token"),
+        "{log}"
     );
-    assert!(!log.contains(TOKEN), "upstream tokens are never logged");
+    let basic = format!("Basic {}", base64_of(&format!("mirror:{PASSWORD}")));
+    let seen = upstream.seen();
+    assert!(
+        seen.iter()
+            .any(|s| s.uri.starts_with("/token") && s.authorization() == Some(basic.clone())),
+        "{seen:?}"
+    );
+    assert!(seen
+        .iter()
+        .any(|s| s.authorization() == Some(format!("Bearer {TOKEN}"))));
+    for (secret, what) in [
+        (PASSWORD.to_owned(), "the upstream password"),
+        (
+            base64_of(&format!("mirror:{PASSWORD}")),
+            "the Basic credentials",
+        ),
+        (TOKEN.to_owned(), "the upstream token"),
+    ] {
+        assert!(!log.contains(&secret), "{what} must never be logged: {log}");
+    }
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 /// `timeouts.send`: a client that requests a large blob and reads nothing loses its connection,

@@ -1,21 +1,25 @@
 //! The real upstream: Debian's `docker-registry` (CNCF distribution 2.8) on an ephemeral port in a
 //! temp dir, optionally behind htpasswd Basic auth, and a counting pass-through in front of it
-//! that records every request gantry makes and can play dead.
+//! that records every request gantry makes, can play dead, and can hold responses half-sent.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
 
 use super::{free_port, http_get, wait_until};
 
@@ -130,10 +134,56 @@ pub struct Seen {
     pub authorization: bool,
 }
 
-/// A pass-through to the upstream that records requests and can refuse them (an outage).
+/// Releases the responses a [`CountingProxy::hold`] rule keeps back.
+pub struct Gate {
+    open: watch::Sender<bool>,
+    held: Arc<AtomicUsize>,
+}
+
+impl Gate {
+    /// Lets every held response (and every later one under this rule) finish.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Responses waiting at the gate right now: each has sent its headers and the bytes the rule
+    /// lets through, and no more.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Gate {
+    /// A test that panics before opening must not leave gantry's downloads hanging for an hour.
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
+struct Hold {
+    fragment: String,
+    pass: usize,
+    open: watch::Receiver<bool>,
+    held: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Requests forwarded to the upstream.
+    seen: Vec<Seen>,
+    /// Requests that arrived while the proxy played dead (answered by closing the connection).
+    refused: Vec<Seen>,
+    holds: Vec<Arc<Hold>>,
+}
+
+type ProxyBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A pass-through to the upstream that records requests, can refuse them (an outage) and can hold
+/// responses half-sent (a slow upstream whose pace the test controls, so concurrent requests
+/// provably overlap).
 pub struct CountingProxy {
     pub addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
+    state: Arc<Mutex<State>>,
     down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -142,61 +192,25 @@ impl CountingProxy {
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let state: Arc<Mutex<State>> = Arc::default();
         let down = Arc::new(AtomicBool::new(false));
         let client = super::client();
-        let (task_seen, task_down) = (Arc::clone(&seen), Arc::clone(&down));
+        let (task_state, task_down) = (Arc::clone(&state), Arc::clone(&down));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                if task_down.load(Ordering::SeqCst) {
-                    drop(stream);
-                    continue;
-                }
-                let (seen, down, client) = (
-                    Arc::clone(&task_seen),
+                let (state, down, client) = (
+                    Arc::clone(&task_state),
                     Arc::clone(&task_down),
                     client.clone(),
                 );
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
-                        let (seen, down, client) =
-                            (Arc::clone(&seen), Arc::clone(&down), client.clone());
-                        async move {
-                            if down.load(Ordering::SeqCst) {
-                                return Err("upstream is down".to_owned());
-                            }
-                            seen.lock().unwrap().push(Seen {
-                                method: request.method().clone(),
-                                path: request.uri().to_string(),
-                                authorization: request
-                                    .headers()
-                                    .contains_key(http::header::AUTHORIZATION),
-                            });
-                            let (parts, _) = request.into_parts();
-                            let mut forwarded =
-                                Request::builder().method(parts.method).uri(format!(
-                                    "http://{target}{}",
-                                    parts
-                                        .uri
-                                        .path_and_query()
-                                        .map(|p| p.as_str())
-                                        .unwrap_or("/")
-                                ));
-                            for (name, value) in &parts.headers {
-                                if name != http::header::HOST {
-                                    forwarded = forwarded.header(name, value);
-                                }
-                            }
-                            let forwarded = forwarded.body(http_body_util::Empty::new()).unwrap();
-                            client
-                                .request(forwarded)
-                                .await
-                                .map(|response: Response<Incoming>| response)
-                                .map_err(|e| e.to_string())
-                        }
+                        let (state, down, client) =
+                            (Arc::clone(&state), Arc::clone(&down), client.clone());
+                        async move { forward(target, &state, &down, &client, request).await }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -206,7 +220,7 @@ impl CountingProxy {
         });
         Self {
             addr,
-            seen,
+            state,
             down,
             task,
         }
@@ -216,12 +230,21 @@ impl CountingProxy {
         format!("http://{}", self.addr)
     }
 
+    /// Requests forwarded to the upstream.
     pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.state.lock().unwrap().seen.clone()
     }
 
+    /// Requests that arrived while the proxy was down, each answered by closing its connection.
+    pub fn refused(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().refused.clone()
+    }
+
+    /// Forgets the requests seen and refused so far.
     pub fn clear(&self) {
-        self.seen.lock().unwrap().clear();
+        let mut state = self.state.lock().unwrap();
+        state.seen.clear();
+        state.refused.clear();
     }
 
     /// Requests whose path contains `fragment`, by method.
@@ -245,10 +268,121 @@ impl CountingProxy {
         counts
     }
 
-    /// Refuse every connection and request from now on (or serve again).
+    /// Refuse every request from now on (or serve again): the proxy reads each request, records
+    /// it in [`Self::refused`] and closes the connection without an answer.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
+
+    /// From now on, responses to requests whose path contains `fragment` send their headers and
+    /// their first `pass` body bytes, then wait until the returned gate opens.
+    pub fn hold(&self, fragment: &str, pass: usize) -> Gate {
+        let (open, receiver) = watch::channel(false);
+        let held = Arc::new(AtomicUsize::new(0));
+        self.state.lock().unwrap().holds.push(Arc::new(Hold {
+            fragment: fragment.to_owned(),
+            pass,
+            open: receiver,
+            held: Arc::clone(&held),
+        }));
+        Gate { open, held }
+    }
+}
+
+async fn forward(
+    target: SocketAddr,
+    state: &Mutex<State>,
+    down: &AtomicBool,
+    client: &super::TestClient,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, String> {
+    let seen = Seen {
+        method: request.method().clone(),
+        path: request.uri().to_string(),
+        authorization: request.headers().contains_key(http::header::AUTHORIZATION),
+    };
+    let hold = {
+        let mut state = state.lock().unwrap();
+        if down.load(Ordering::SeqCst) {
+            state.refused.push(seen);
+            // An error from the service makes hyper close the connection unanswered.
+            return Err("upstream is down".to_owned());
+        }
+        let hold = state
+            .holds
+            .iter()
+            .find(|hold| seen.path.contains(&hold.fragment))
+            .cloned();
+        state.seen.push(seen);
+        hold
+    };
+    let (parts, _) = request.into_parts();
+    let mut forwarded = Request::builder().method(parts.method).uri(format!(
+        "http://{target}{}",
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    ));
+    for (name, value) in &parts.headers {
+        if name != http::header::HOST {
+            forwarded = forwarded.header(name, value);
+        }
+    }
+    let forwarded = forwarded.body(http_body_util::Empty::new()).unwrap();
+    let response = client.request(forwarded).await.map_err(|e| e.to_string())?;
+    Ok(match hold {
+        None => response.map(|body| body.map_err(Into::into).boxed_unsync()),
+        Some(hold) => response.map(|body| held_body(body, hold)),
+    })
+}
+
+/// Streams `body` through, stopping after `hold.pass` bytes until the gate opens.
+fn held_body(mut body: Incoming, hold: Arc<Hold>) -> ProxyBody {
+    let (frames, receiver) = mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(4);
+    tokio::spawn(async move {
+        let mut passed = 0usize;
+        let mut waited = false;
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(error) => {
+                    let _ = frames.send(Err(error)).await;
+                    return;
+                }
+            };
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            if !waited {
+                let allowed = hold.pass.saturating_sub(passed).min(data.len());
+                if allowed > 0 {
+                    let head = data.split_to(allowed);
+                    passed += allowed;
+                    if frames.send(Ok(Frame::data(head))).await.is_err() {
+                        return;
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                hold.held.fetch_add(1, Ordering::SeqCst);
+                let mut open = hold.open.clone();
+                let _ = open.wait_for(|open| *open).await;
+                hold.held.fetch_sub(1, Ordering::SeqCst);
+                waited = true;
+            }
+            if frames.send(Ok(Frame::data(data))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let frame = receiver.recv().await?;
+        Some((frame, receiver))
+    });
+    StreamBody::new(stream).map_err(Into::into).boxed_unsync()
 }
 
 impl Drop for CountingProxy {
