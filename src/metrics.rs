@@ -29,6 +29,8 @@ pub struct Metrics {
     pub downloads_in_flight: IntGauge,
     /// Requests that followed a download another request had started.
     pub download_joins: IntCounter,
+    /// Tag fetches and revalidations that waited for one another request had started.
+    pub tag_refresh_joins: IntCounter,
     /// Downloads shed because every slot was busy and the queue full or its wait over.
     pub downloads_shed: IntCounter,
     /// Downloads discarded, by reason (`mirror::download::failure_reason`): `bad_content` (the
@@ -125,6 +127,10 @@ impl Metrics {
             download_joins: counter(
                 "gantry_download_joins_total",
                 "Requests that followed a download already in progress instead of starting one.",
+            ),
+            tag_refresh_joins: counter(
+                "gantry_tag_refresh_joins_total",
+                "Tag requests that waited for a fetch or revalidation another request had started instead of asking the upstream.",
             ),
             downloads_shed: counter(
                 "gantry_downloads_shed_total",

@@ -119,11 +119,33 @@ async fn concurrent_misses_and_revalidations_reach_the_upstream_once() {
         "{:?}",
         fixture.proxy.seen()
     );
+    // Past the TTL the revalidating HEAD is held until every other request has joined it.
+    let joins = || async { value(&gantry.metrics().await, "gantry_tag_refresh_joins_total") };
+    let joins_before = joins().await;
+    assert_eq!(
+        joins_before,
+        (CLIENTS - 1) as f64,
+        "the misses joined one fetch"
+    );
     past_the_ttl().await;
     fixture.proxy.clear();
-    for reply in burst(&gantry).await.unwrap() {
+    let gate = fixture.proxy.hold("/manifests/v1", 0);
+    let revalidations = burst(&gantry);
+    let all_joined = wait_until(Duration::from_secs(30), || async {
+        gate.held() >= 1 && joins().await >= joins_before + (CLIENTS - 1) as f64
+    })
+    .await;
+    let held = gate.held();
+    gate.open();
+    for reply in revalidations.await.unwrap() {
         assert_eq!(reply.status, StatusCode::OK);
     }
+    assert!(
+        all_joined,
+        "{} of {CLIENTS} revalidations joined while the HEAD was held",
+        joins().await - joins_before
+    );
+    assert_eq!(held, 1, "one upstream HEAD was held");
     assert_eq!(
         fixture.proxy.count(&Method::HEAD, "/manifests/v1"),
         1,

@@ -462,7 +462,15 @@ impl Mirror {
         // a burst of cold pulls costs the upstream (and a Docker Hub rate limit) one request.
         let cell = {
             let mut refreshes = self.tag_refreshes.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(refreshes.entry(key.clone()).or_default())
+            match refreshes.entry(key.clone()) {
+                std::collections::hash_map::Entry::Occupied(running) => {
+                    self.metrics.tag_refresh_joins.inc();
+                    Arc::clone(running.get())
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    Arc::clone(slot.insert(Arc::default()))
+                }
+            }
         };
         let answer = cell
             .get_or_init(|| self.refresh_tag(target, tag, accept, &key, cached))

@@ -275,7 +275,8 @@ impl CountingProxy {
     }
 
     /// From now on, responses to requests whose path contains `fragment` send their headers and
-    /// their first `pass` body bytes, then wait until the returned gate opens.
+    /// their first `pass` body bytes, then wait until the returned gate opens (a HEAD's answer,
+    /// all headers, waits whole).
     pub fn hold(&self, fragment: &str, pass: usize) -> Gate {
         let (open, receiver) = watch::channel(false);
         let held = Arc::new(AtomicUsize::new(0));
@@ -308,15 +309,18 @@ async fn forward(
             // An error from the service makes hyper close the connection unanswered.
             return Err("upstream is down".to_owned());
         }
+        // The newest hold on a path wins, so a test can hold the same path again.
         let hold = state
             .holds
             .iter()
+            .rev()
             .find(|hold| seen.path.contains(&hold.fragment))
             .cloned();
         state.seen.push(seen);
         hold
     };
     let (parts, _) = request.into_parts();
+    let is_head = parts.method == Method::HEAD;
     let mut forwarded = Request::builder().method(parts.method).uri(format!(
         "http://{target}{}",
         parts
@@ -332,6 +336,13 @@ async fn forward(
     }
     let forwarded = forwarded.body(http_body_util::Empty::new()).unwrap();
     let response = client.request(forwarded).await.map_err(|e| e.to_string())?;
+    // A HEAD answer is all headers: it is held whole.
+    if let (Some(hold), true) = (&hold, is_head) {
+        hold.held.fetch_add(1, Ordering::SeqCst);
+        let mut open = hold.open.clone();
+        let _ = open.wait_for(|open| *open).await;
+        hold.held.fetch_sub(1, Ordering::SeqCst);
+    }
     Ok(match hold {
         None => response.map(|body| body.map_err(Into::into).boxed_unsync()),
         Some(hold) => response.map(|body| held_body(body, hold)),
