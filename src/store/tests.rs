@@ -202,6 +202,35 @@ async fn evicts_least_recently_used_but_never_a_leased_entry() {
 }
 
 #[tokio::test]
+async fn repository_links_leave_with_their_blob_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Some(250));
+    let a = put_blob(&store, &[b'a'; 100]).await;
+    let b = put_blob(&store, &[b'b'; 100]).await;
+    store.link(vec![a.clone()], "docker.io/team/one").await;
+    store.link(vec![b.clone()], "docker.io/team/two").await;
+    assert!(store.is_linked(&a, "docker.io", "team/one"));
+    assert!(!store.is_linked(&a, "docker.io", "team/two"));
+    // `a` is least recently used: a third blob evicts it, and its link with it, file and all.
+    let c = put_blob(&store, &[b'c'; 100]).await;
+    assert!(!store.contains_blob(&a));
+    assert!(!store.is_linked(&a, "docker.io", "team/one"));
+    assert!(!dir
+        .path()
+        .join("links/sha256")
+        .join(&a.hex()[..2])
+        .join(a.hex())
+        .exists());
+    drop(store);
+    let store = open(dir.path(), Some(250));
+    assert!(
+        store.is_linked(&b, "docker.io", "team/two"),
+        "links survive a restart"
+    );
+    assert!(!store.is_linked(&c, "docker.io", "team/two"));
+}
+
+#[tokio::test]
 async fn reopening_rebuilds_the_index_and_empties_tmp() {
     let dir = tempfile::tempdir().unwrap();
     let digest = {
