@@ -24,6 +24,16 @@ fn basic(user: &str, password: &str) -> String {
     )
 }
 
+/// A GET with credentials, accepting every manifest type.
+async fn get_as(url: String, authorization: String) -> common::Reply {
+    http_get(
+        &url,
+        &[("authorization", &authorization), ("accept", ACCEPT_ALL)],
+    )
+    .await
+    .unwrap()
+}
+
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
@@ -69,14 +79,7 @@ async fn a_blob_cached_for_one_repository_is_not_served_under_another() {
     gantry.start().await;
     let alice = basic("alice", "alice-pw");
     let admin = basic("admin", "admin-pw");
-    let get = |path: String, auth: String| {
-        let url = gantry.url(&path);
-        async move {
-            http_get(&url, &[("authorization", &auth), ("accept", ACCEPT_ALL)])
-                .await
-                .unwrap()
-        }
-    };
+    let get = |path: String, auth: String| get_as(gantry.url(&path), auth);
 
     // The admin pulls library/big: its manifest and blobs are now cached.
     let manifest = get("/v2/library/big/manifests/big".into(), admin.clone()).await;
@@ -132,14 +135,7 @@ async fn a_blob_cached_for_one_repository_is_not_served_under_another() {
     assert!(gantry.wait(Duration::from_secs(20)).await.success());
     gantry.start().await;
     proxy.set_down(true);
-    let get = |path: String, auth: String| {
-        let url = gantry.url(&path);
-        async move {
-            http_get(&url, &[("authorization", &auth), ("accept", ACCEPT_ALL)])
-                .await
-                .unwrap()
-        }
-    };
+    let get = |path: String, auth: String| get_as(gantry.url(&path), auth);
     for blob in small.blobs() {
         let reply = get(format!("/v2/library/small/blobs/{blob}"), alice.clone()).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", gantry.log());
