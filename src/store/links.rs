@@ -24,7 +24,14 @@ type Repositories = Vec<Arc<str>>;
 pub struct Links {
     root: PathBuf,
     linked: RwLock<HashMap<Digest, Repositories>>,
+    /// Entries a gantry without links had cached (found when a store first gets `links/`): no one
+    /// knows which repositories reference them, and refusing them would break offline pulls from
+    /// an upgraded store, so they are served under any repository until they leave the store.
+    legacy: RwLock<std::collections::HashSet<Digest>>,
 }
+
+/// Under the links root: the digests of [`Links::legacy`], one per line.
+const LEGACY_FILE: &str = "legacy";
 
 impl Links {
     /// Loads the links of the digests `keep` accepts and removes the files of the others (their
@@ -62,10 +69,29 @@ impl Links {
                 }
             }
         }
+        let legacy = std::fs::read_to_string(root.join(LEGACY_FILE))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| Digest::parse(line).ok())
+            .filter(|digest| keep(digest))
+            .collect();
         Ok(Self {
             root: root.to_owned(),
             linked: RwLock::new(linked),
+            legacy: RwLock::new(legacy),
         })
+    }
+
+    /// Marks entries cached before links existed as served under any repository (see
+    /// [`Links::legacy`]); called once, when a store that has content first gets `links/`.
+    pub fn adopt_legacy(&self, digests: Vec<Digest>) -> std::io::Result<()> {
+        let text: String = digests.iter().map(|d| format!("{d}\n")).collect();
+        std::fs::write(self.root.join(LEGACY_FILE), text)?;
+        self.legacy
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(digests);
+        Ok(())
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
@@ -86,9 +112,15 @@ impl Links {
                 && linked.ends_with(repository)
         };
         let linked = self.linked.read().unwrap_or_else(|e| e.into_inner());
-        linked
+        if linked
             .get(digest)
             .is_some_and(|repositories| repositories.iter().any(|r| names(r)))
+        {
+            return true;
+        }
+        drop(linked);
+        let legacy = self.legacy.read().unwrap_or_else(|e| e.into_inner());
+        !legacy.is_empty() && legacy.contains(digest)
     }
 
     /// Records that `repository` references `digest`; `false` if it was known already. The line
@@ -123,6 +155,10 @@ impl Links {
 
     /// Forgets every link of a digest whose content left the store.
     pub fn remove(&self, digest: &Digest) {
+        self.legacy
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
         let had = self
             .linked
             .write()
@@ -172,6 +208,18 @@ mod tests {
         assert!(!reopened.contains(&a, "docker.io", "library/big"));
         let again = Links::open(&root, |_| true).unwrap();
         assert!(!again.contains(&a, "docker.io", "library/big"));
+
+        // Content cached before links existed is served under any repository until it leaves.
+        let old = digest(3);
+        reopened.adopt_legacy(vec![old.clone()]).unwrap();
+        assert!(reopened.contains(&old, "docker.io", "any/repository"));
+        let again = Links::open(&root, |_| true).unwrap();
+        assert!(again.contains(&old, "docker.io", "any/repository"));
+        again.remove(&old);
+        assert!(!again.contains(&old, "docker.io", "any/repository"));
+        assert!(!Links::open(&root, |d| *d != old)
+            .unwrap()
+            .contains(&old, "docker.io", "x"));
 
         // Links of content the store no longer holds are dropped at start-up, files and all.
         let pruned = Links::open(&root, |d| *d != b).unwrap();

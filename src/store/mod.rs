@@ -209,7 +209,17 @@ impl Store {
             })
         };
         let links_dir = root.join("links");
+        let first_links = !links_dir.exists();
         let links = links::Links::open(&links_dir, held).map_err(io_error(&links_dir))?;
+        if first_links && !lru.is_empty() {
+            let cached: Vec<Digest> = lru.iter().map(|(key, _)| key.digest.clone()).collect();
+            tracing::warn!(
+                entries = cached.len(),
+                "this store was written by a gantry without repository links: its entries are served under any \
+                 repository until they leave the cache; new content is scoped to its repositories"
+            );
+            links.adopt_legacy(cached).map_err(io_error(&links_dir))?;
+        }
         let store = Arc::new(Self {
             root: root.to_owned(),
             max_size,

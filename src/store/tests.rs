@@ -230,6 +230,26 @@ async fn repository_links_leave_with_their_blob_and_survive_a_reopen() {
     assert!(!store.is_linked(&c, "docker.io", "team/two"));
 }
 
+/// A store written before links existed keeps serving its entries (offline pulls of an upgraded
+/// mirror), under any repository, until they leave it; content added after is scoped.
+#[tokio::test]
+async fn a_store_from_before_links_serves_its_entries_under_any_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = put_blob(&open(dir.path(), None), b"cached by an older gantry").await;
+    std::fs::remove_dir_all(dir.path().join("links")).unwrap();
+    let store = open(dir.path(), None);
+    assert!(store.is_linked(&old, "docker.io", "any/repository"));
+    let new = put_blob(&store, b"cached after the upgrade").await;
+    assert!(!store.is_linked(&new, "docker.io", "any/repository"));
+    drop(store);
+    let store = open(dir.path(), None);
+    assert!(
+        store.is_linked(&old, "docker.io", "another/repository"),
+        "kept across restarts"
+    );
+    assert!(!store.is_linked(&new, "docker.io", "any/repository"));
+}
+
 #[tokio::test]
 async fn reopening_rebuilds_the_index_and_empties_tmp() {
     let dir = tempfile::tempdir().unwrap();
