@@ -11,6 +11,40 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The `reason` label of `gantry_download_failures_total`, named once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureReason {
+    /// The body does not match its digest or its announced size.
+    BadContent,
+    /// Connection refused or reset, a broken body.
+    UpstreamUnavailable,
+    /// No response in `timeouts.first_byte`, a pause over `timeouts.idle`, or the whole download
+    /// over `timeouts.download`.
+    Timeout,
+    /// The upstream answered an error status.
+    UpstreamStatus,
+    /// Our own disk: a full disk, a failed commit.
+    Io,
+    /// gantry's own machinery: a lost download task, a stopped disk writer.
+    Internal,
+    /// No download slot in time (`limits.max_queued_downloads`, `timeouts.download_queue`).
+    Shed,
+}
+
+impl FailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadContent => "bad_content",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::Timeout => "timeout",
+            Self::UpstreamStatus => "upstream_status",
+            Self::Io => "io",
+            Self::Internal => "internal",
+            Self::Shed => "shed",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Client requests by route, method and status.
@@ -33,11 +67,7 @@ pub struct Metrics {
     pub tag_refresh_joins: IntCounter,
     /// Downloads shed because every slot was busy and the queue full or its wait over.
     pub downloads_shed: IntCounter,
-    /// Downloads discarded, by reason (`mirror::download::failure_reason`): `bad_content` (the
-    /// body does not match its digest or its announced size), `upstream_unavailable` (connection,
-    /// first-byte or idle timeout, broken body, `timeouts.download` exceeded), `upstream_status`
-    /// (an error status), `io` (our own disk: a full disk, a failed commit), `shed` (no download
-    /// slot in time: `limits.max_queued_downloads`, `timeouts.download_queue`).
+    /// Downloads discarded, by [`FailureReason`].
     pub download_failures: IntCounterVec,
     pub store_bytes: IntGauge,
     pub store_entries: IntGauge,

@@ -572,7 +572,7 @@ pub fn error_response(error: &MirrorError, route: &Route) -> Response<ResponseBo
             }
             status => OciError::new(ErrorCode::Unavailable, format!("{registry} answered {status} and the content is not cached")),
         },
-        MirrorError::Unavailable { registry, .. } => OciError::new(
+        MirrorError::Unavailable { registry, .. } | MirrorError::DownloadTimeout { registry, .. } => OciError::new(
             ErrorCode::Unavailable,
             format!("{registry} is unavailable and the content is not cached"),
         ),
@@ -581,6 +581,7 @@ pub fn error_response(error: &MirrorError, route: &Route) -> Response<ResponseBo
             format!("{registry} sent content that failed verification; nothing was cached"),
         ),
         MirrorError::Store(_) => OciError::new(ErrorCode::Unavailable, "the mirror's storage failed"),
+        MirrorError::Internal(_) => OciError::new(ErrorCode::Unavailable, "the mirror failed; retry"),
         MirrorError::Overloaded { retry_after_secs, .. } => {
             return error_with_headers(
                 OciError::new(ErrorCode::Unavailable, "the mirror is at its limit of upstream downloads; retry shortly"),

@@ -16,9 +16,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::error::MirrorError;
 use super::{upstream_failure, Mirror};
+use crate::metrics::FailureReason;
 use crate::oci::{Digest, RepoName};
 use crate::store::{read_exact_at, StoreError, READ_CHUNK};
-use crate::upstream::{Upstream, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 
 /// Chunks buffered for the first client before it is switched to following the file. Each chunk
 /// can pin a whole upstream read buffer: 64 of them took peak RSS through the 8-client cold pull to
@@ -100,7 +101,7 @@ impl Flight {
 }
 
 fn lost() -> MirrorError {
-    MirrorError::Store("the download task ended without a result".into())
+    MirrorError::Internal("the download task ended without a result")
 }
 
 impl Mirror {
@@ -147,9 +148,9 @@ impl Mirror {
                 )
                 .await
                 .unwrap_or_else(|_| {
-                    Err(MirrorError::Unavailable {
+                    Err(MirrorError::DownloadTimeout {
                         registry: upstream.name().to_owned(),
-                        reason: format!("the download took longer than {limit:?}"),
+                        limit,
                     })
                 }),
             };
@@ -168,7 +169,7 @@ impl Mirror {
                     mirror
                         .metrics
                         .download_failures
-                        .with_label_values(&[failure_reason(&error)])
+                        .with_label_values(&[failure_reason(&error).as_str()])
                         .inc();
                     progress_tx.send_modify(|p| p.phase = Phase::Failed(error));
                 }
@@ -234,12 +235,12 @@ impl Mirror {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let store_error = |e: StoreError| MirrorError::Store(e.to_string());
+        let store_error = |e: StoreError| MirrorError::Store(Arc::new(e));
         let mut writer = self.store.begin_blob(digest, size).map_err(store_error)?;
         let file = Arc::new(
             writer
                 .reader()
-                .map_err(|e| MirrorError::Store(e.to_string()))?,
+                .map_err(|e| MirrorError::Store(Arc::new(e)))?,
         );
         progress.send_modify(|p| {
             p.phase = Phase::Streaming { written: 0 };
@@ -263,7 +264,7 @@ impl Mirror {
             let mut batch = Vec::new();
             let mut batch_bytes = 0;
             let mut received: u64 = 0;
-            let writer_gone = || MirrorError::Store("the disk writer stopped".into());
+            let writer_gone = || MirrorError::Internal("the disk writer stopped");
             loop {
                 let chunk = body
                     .chunk()
@@ -337,13 +338,20 @@ fn offer(first: &mut Option<mpsc::Sender<Bytes>>, chunk: Bytes) {
     }
 }
 
-fn failure_reason(error: &MirrorError) -> &'static str {
+fn failure_reason(error: &MirrorError) -> FailureReason {
     match error {
-        MirrorError::BadContent { .. } => "bad_content",
-        MirrorError::Store(_) => "io",
-        MirrorError::Unavailable { .. } => "upstream_unavailable",
-        MirrorError::Overloaded { .. } => "shed",
-        MirrorError::UpstreamStatus { .. } | MirrorError::Request(_) => "upstream_status",
+        MirrorError::BadContent { .. } => FailureReason::BadContent,
+        MirrorError::Store(_) => FailureReason::Io,
+        MirrorError::Internal(_) => FailureReason::Internal,
+        MirrorError::DownloadTimeout { .. } => FailureReason::Timeout,
+        MirrorError::Unavailable { source, .. } => match source.as_ref() {
+            UpstreamError::Timeout { .. } | UpstreamError::Stalled { .. } => FailureReason::Timeout,
+            _ => FailureReason::UpstreamUnavailable,
+        },
+        MirrorError::Overloaded { .. } => FailureReason::Shed,
+        MirrorError::UpstreamStatus { .. } | MirrorError::Request(_) => {
+            FailureReason::UpstreamStatus
+        }
     }
 }
 

@@ -1,11 +1,15 @@
 //! What can go wrong while answering from the cache or the upstream, and on which side.
 
+use std::sync::Arc;
+
 use http::{HeaderValue, StatusCode};
 
 use crate::oci::OciError;
+use crate::store::StoreError;
+use crate::upstream::UpstreamError;
 
-/// Clone, because one failed download is reported to every request that followed it; sources are
-/// logged where the failure happens and kept here as text.
+/// Clone, because one failed download is reported to every request that followed it; typed
+/// sources are shared (`Arc`), so what failed can be classified by matching, never by text.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum MirrorError {
     /// The client's request is wrong (bad name, unknown registry...): not worth a retry.
@@ -21,8 +25,18 @@ pub enum MirrorError {
         body: Option<bytes::Bytes>,
     },
     /// The upstream could not be reached or broke off (connection, timeout, stalled body).
-    #[error("{registry} is unavailable: {reason}")]
-    Unavailable { registry: String, reason: String },
+    #[error("{registry} is unavailable: {source}")]
+    Unavailable {
+        registry: String,
+        #[source]
+        source: Arc<UpstreamError>,
+    },
+    /// A whole blob download took longer than `timeouts.download`.
+    #[error("{registry}: the download took longer than {limit:?}")]
+    DownloadTimeout {
+        registry: String,
+        limit: std::time::Duration,
+    },
     /// The upstream sent content that does not match its digest or size.
     #[error("{registry} sent bad content for {digest}: {reason}")]
     BadContent {
@@ -38,5 +52,8 @@ pub enum MirrorError {
     },
     /// Our own disk failed.
     #[error("store: {0}")]
-    Store(String),
+    Store(#[source] Arc<StoreError>),
+    /// gantry's own machinery failed (a download task lost, its disk writer gone).
+    #[error("internal: {0}")]
+    Internal(&'static str),
 }

@@ -691,7 +691,7 @@ impl Mirror {
         self.store
             .write_manifest(&digest, &media_type, bytes.clone())
             .await
-            .map_err(|e| MirrorError::Store(e.to_string()))?;
+            .map_err(|e| MirrorError::Store(Arc::new(e)))?;
         self.tags
             .share_manifest(&digest.to_string(), &media_type, &bytes)
             .await;
@@ -937,11 +937,16 @@ fn dialable_host(authority: &str) -> Result<(), String> {
 /// Failures of the upstream (not of the request) allow a cached tag to be served past its TTL.
 fn serves_stale(error: &MirrorError) -> bool {
     match error {
-        MirrorError::Unavailable { .. } | MirrorError::BadContent { .. } => true,
+        MirrorError::Unavailable { .. }
+        | MirrorError::DownloadTimeout { .. }
+        | MirrorError::BadContent { .. } => true,
         MirrorError::UpstreamStatus { status, .. } => {
             status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
         }
-        MirrorError::Request(_) | MirrorError::Store(_) | MirrorError::Overloaded { .. } => false,
+        MirrorError::Request(_)
+        | MirrorError::Store(_)
+        | MirrorError::Internal(_)
+        | MirrorError::Overloaded { .. } => false,
     }
 }
 
@@ -953,7 +958,7 @@ pub(crate) fn upstream_failure(upstream: &Upstream, error: UpstreamError) -> Mir
     }
     MirrorError::Unavailable {
         registry: upstream.name().to_owned(),
-        reason: error.to_string(),
+        source: Arc::new(error),
     }
 }
 

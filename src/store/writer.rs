@@ -73,8 +73,8 @@ impl BlobWriter {
 
     /// A read handle on the file being written, for requests that follow the download. It stays
     /// valid after the commit renames the file.
-    pub fn reader(&self) -> io::Result<File> {
-        File::open(&self.tmp_path)
+    pub fn reader(&self) -> Result<File, StoreError> {
+        File::open(&self.tmp_path).map_err(io_error(&self.tmp_path))
     }
 
     /// Content bytes written so far.
