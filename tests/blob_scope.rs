@@ -271,3 +271,60 @@ async fn a_download_in_flight_is_joined_only_under_a_repository_the_upstream_con
         1.0
     );
 }
+
+/// With Redis, a link one replica learned is known to the others: the second replica serves the
+/// shared layer under the new repository without asking the upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_learned_by_one_replica_is_known_to_another_through_redis() {
+    if !require_tools(&["docker-registry", "skopeo", "redis-server"]) {
+        return;
+    }
+    let registry = Registry::start().await;
+    let layout_dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(layout_dir.path());
+    let image = layout.image("amd64", &[60_000], 64);
+    layout.tag_image("v1", &image);
+    layout.write_index();
+    push(layout_dir.path(), "v1", &registry.host(), "team/one").await;
+    push(layout_dir.path(), "v1", &registry.host(), "team/two").await;
+    let proxy = CountingProxy::start(registry.addr).await;
+    let redis = common::redis::RedisServer::start().await;
+    let cache = format!("cache:\n  redis: {}", redis.url());
+    let options = Options {
+        extra: &cache,
+        ..Options::default()
+    };
+    let a = Gantry::start_with(tempfile::tempdir().unwrap(), &proxy.url(), options).await;
+    let b = Gantry::start_with(tempfile::tempdir().unwrap(), &proxy.url(), options).await;
+    let layer = &image.layers[0].0;
+    // Both replicas cache the layer under team/one.
+    for gantry in [&a, &b] {
+        let reply = http_get(&gantry.url(&format!("/v2/team/one/blobs/{layer}")), &[])
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        gantry.settled().await;
+    }
+    proxy.clear();
+    let on_a = http_get(&a.url(&format!("/v2/team/two/blobs/{layer}")), &[])
+        .await
+        .unwrap();
+    assert_eq!(on_a.status, StatusCode::OK);
+    assert_eq!(
+        proxy.count(&Method::HEAD, "/v2/team/two/blobs/"),
+        1,
+        "a asked"
+    );
+    let on_b = http_get(&b.url(&format!("/v2/team/two/blobs/{layer}")), &[])
+        .await
+        .unwrap();
+    assert_eq!(on_b.status, StatusCode::OK);
+    assert_eq!(sha256(&on_b.body), *layer);
+    assert_eq!(
+        proxy.count(&Method::HEAD, "/v2/team/two/blobs/"),
+        1,
+        "b knew the link from Redis: {:?}",
+        proxy.seen()
+    );
+    assert_eq!(proxy.count(&Method::GET, "/blobs/"), 0);
+}
