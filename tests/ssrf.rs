@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
@@ -21,7 +20,7 @@ use tokio::net::TcpListener;
 use common::fake::{Fake, Scripted};
 use common::metrics::value;
 use common::process::GantryProcess;
-use common::{config_yaml, http_get, request, require_tools, wait_until, Gantry, Options};
+use common::{config_yaml, http_get, request, require_tools, Gantry, Options};
 
 /// A listener that only counts the connections made to it.
 struct Recorder {
@@ -421,14 +420,8 @@ impl NamespacedGantry {
             .spawn()
             .unwrap();
         let gantry = Self { port, log, child };
-        let url = gantry.url("/v2/");
-        let up = wait_until(Duration::from_secs(20), || {
-            let url = url.clone();
-            async move { http_get(&url, &[]).await.is_ok() }
-        })
-        .await;
         assert!(
-            up,
+            common::process::serving(&gantry.url("/v2/")).await,
             "gantry did not start in its namespace:\n{}",
             gantry.log()
         );

@@ -336,6 +336,25 @@ impl Mirror {
         false
     }
 
+    /// Blob content served under the target's repository must be known to be its own: from the
+    /// links (here or through Redis), else by the upstream's word.
+    async fn ensure_known(&self, target: &Target, digest: &Digest) -> Result<(), MirrorError> {
+        if self.knows(target, digest).await {
+            return Ok(());
+        }
+        self.confirm_with_upstream(target, "blobs", digest, None)
+            .await
+    }
+
+    /// Links a blob the upstream just served under the target's repository, unless known already
+    /// (so a repeated answer costs no Redis write).
+    async fn link_if_new(&self, target: &Target, digest: &Digest) {
+        let registry = target.registry.upstream.name();
+        if !self.store.is_linked(digest, registry, target.repo.as_str()) {
+            self.link(target, vec![digest.clone()]).await;
+        }
+    }
+
     /// Records that the target's repository references these digests, here and for other replicas.
     async fn link(&self, target: &Target, digests: Vec<Digest>) {
         let repository = repository_key(target);
@@ -712,12 +731,8 @@ impl Mirror {
         digest: &Digest,
         head: bool,
     ) -> Result<BlobSource, MirrorError> {
-        let linked = self.knows(target, digest).await;
         if let Some(blob) = self.store.open_blob(digest).await {
-            if !linked {
-                self.confirm_with_upstream(target, "blobs", digest, None)
-                    .await?;
-            }
+            self.ensure_known(target, digest).await?;
             self.metrics.cache_lookup("blob", "hit");
             return Ok(BlobSource::Cached(blob));
         }
@@ -731,9 +746,8 @@ impl Mirror {
                 .get(digest)
                 .cloned();
             if let Some(flight) = running {
-                if !linked && !flight.asked_under(&repository_key(target)) {
-                    self.confirm_with_upstream(target, "blobs", digest, None)
-                        .await?;
+                if !flight.asked_under(&repository_key(target)) {
+                    self.ensure_known(target, digest).await?;
                 }
                 let size = flight.started().await?;
                 return Ok(BlobSource::Downloading {
@@ -759,21 +773,18 @@ impl Mirror {
                 .get(CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            if !linked {
-                self.link(target, vec![digest.clone()]).await;
-            }
+            self.link_if_new(target, digest).await;
             return Ok(BlobSource::Upstream { size });
         }
         let (flight, first) = self.join_or_start(upstream, &target.repo, digest);
         // A download started under another repository proves nothing about this one.
-        if first.is_none() && !linked && !flight.asked_under(&repository_key(target)) {
-            self.confirm_with_upstream(target, "blobs", digest, None)
-                .await?;
+        if first.is_none() && !flight.asked_under(&repository_key(target)) {
+            self.ensure_known(target, digest).await?;
         }
         let size = flight.started().await?;
-        if first.is_some() && !linked {
+        if first.is_some() {
             // The upstream answered this repository's GET: it references the blob.
-            self.link(target, vec![digest.clone()]).await;
+            self.link_if_new(target, digest).await;
         }
         Ok(BlobSource::Downloading {
             flight,

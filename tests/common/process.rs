@@ -64,14 +64,8 @@ impl GantryProcess {
     /// Starts the process and waits until it answers plain HTTP.
     pub async fn start(&mut self) {
         self.spawn();
-        let url = self.url("/v2/");
-        let up = wait_until(Duration::from_secs(20), || {
-            let url = url.clone();
-            async move { http_get(&url, &[]).await.is_ok() }
-        })
-        .await;
         assert!(
-            up,
+            serving(&self.url("/v2/")).await,
             "gantry did not start serving on port {}:\n{}",
             self.port,
             self.log()
@@ -116,4 +110,12 @@ impl GantryProcess {
             .expect("gantry exits in time")
             .unwrap()
     }
+}
+
+/// Whether a gantry started as a process answers `url` (its `/v2/`) within 20 s.
+pub async fn serving(url: &str) -> bool {
+    wait_until(Duration::from_secs(20), || async move {
+        http_get(url, &[]).await.is_ok()
+    })
+    .await
 }
