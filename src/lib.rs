@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod server;
+pub mod single_flight;
 pub mod store;
 pub mod tags;
 pub mod upstream;

@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::oci::manifest::{Descriptor, ManifestDoc};
 use http::{HeaderValue, Method, StatusCode};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::BaseUrl;
 use crate::metrics::Metrics;
-use crate::oci::{MediaType, MANIFEST_TYPES};
+use crate::oci::manifest::{Descriptor, ManifestDoc};
+use crate::oci::{host, MediaType, MANIFEST_TYPES};
 use crate::upstream::{CredentialSource, Pool, Timeouts, Upstream, UpstreamRequest};
 
 /// Manifests larger than this are not manifests.
@@ -38,13 +38,8 @@ impl ImageRef {
             },
         };
         let (prefix, repository) = match name.split_once('/') {
-            Some((first, rest))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
-                if matches!(
-                    first,
-                    "docker.io" | "index.docker.io" | "registry-1.docker.io"
-                ) {
+            Some((first, rest)) if host::looks_like_host(first) => {
+                if host::is_docker_hub(first) {
                     (String::new(), rest.to_owned())
                 } else {
                     (format!("{first}/"), rest.to_owned())

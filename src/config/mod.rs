@@ -518,12 +518,7 @@ impl Config {
         let mut hosts = std::collections::HashSet::new();
         for (i, registry) in self.registries.iter().enumerate() {
             let host = &registry.host.0;
-            let valid_host = !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
-                && (host.contains('.') || host.contains(':') || host == "localhost");
-            if !valid_host {
+            if !crate::oci::host::looks_like_host(host) {
                 problems.push(format!(
                     "registries[{i}].host: `{host}` is not a registry host name (it needs a dot or a port, like ghcr.io)"
                 ));

@@ -22,8 +22,10 @@ pub use error::MirrorError;
 
 use crate::config::{BaseUrl, Config, UpstreamAccess};
 use crate::metrics::Metrics;
+use crate::oci::host;
 use crate::oci::manifest::ManifestDoc;
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, RepoName};
+use crate::single_flight::SingleFlight;
 use crate::store::{BlobFile, Store};
 use crate::tags::{TagEntry, Tags};
 use crate::upstream::{
@@ -35,9 +37,6 @@ use crate::upstream::{
 const MAX_ERROR_BODY: usize = 64 << 10;
 /// Tag lists and referrers indexes are passed through whole, so they are capped.
 const MAX_LISTING: usize = 4 << 20;
-
-/// One tag fetch or revalidation, awaited by every request for that tag meanwhile.
-type TagRefresh = tokio::sync::OnceCell<Result<Manifest, MirrorError>>;
 
 /// References of one manifest linked to its repository, at most; content past them is checked
 /// with the upstream when asked for (a manifest of 8 MiB could otherwise list ~50,000).
@@ -109,7 +108,7 @@ pub struct Mirror {
     any_registry: Option<AnyRegistry>,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
     /// Tag fetches and revalidations in progress, by tag key.
-    tag_refreshes: Mutex<HashMap<String, Arc<TagRefresh>>>,
+    tag_refreshes: SingleFlight<String, Result<Manifest, MirrorError>>,
     /// Tag lists and referrers, with when they were fetched; fresh for the registry's tag TTL.
     listings: moka::future::Cache<String, (Instant, Passthrough)>,
     metrics: Arc<Metrics>,
@@ -210,7 +209,10 @@ impl Mirror {
                 seen: Mutex::new(HashMap::new()),
             }),
             flights: Mutex::new(HashMap::new()),
-            tag_refreshes: Mutex::new(HashMap::new()),
+            tag_refreshes: SingleFlight::counting_joins({
+                let joins = metrics.tag_refresh_joins.clone();
+                move || joins.inc()
+            }),
             listings: moka::future::Cache::builder()
                 .max_capacity(MAX_LISTINGS)
                 .time_to_live(crate::tags::RETENTION)
@@ -285,13 +287,15 @@ impl Mirror {
             None => Err(unknown(host)),
         };
         let (registry, repo) = if let Some(ns) = ns {
-            if !looks_like_host(ns) {
+            if !host::looks_like_host(ns) {
                 return Err(unknown(ns).into());
             }
             (registry_named(ns)?, name)
         } else {
             match name.split_once('/') {
-                Some((first, rest)) if looks_like_host(first) => (registry_named(first)?, rest),
+                Some((first, rest)) if host::looks_like_host(first) => {
+                    (registry_named(first)?, rest)
+                }
                 _ => (Arc::clone(&self.default_registry), name),
             }
         };
@@ -479,30 +483,12 @@ impl Mirror {
         }
         // The slow path runs once per tag key at a time; concurrent requests share its answer, so
         // a burst of cold pulls costs the upstream (and a Docker Hub rate limit) one request.
-        let cell = {
-            let mut refreshes = self.tag_refreshes.lock().unwrap_or_else(|e| e.into_inner());
-            match refreshes.entry(key.clone()) {
-                std::collections::hash_map::Entry::Occupied(running) => {
-                    self.metrics.tag_refresh_joins.inc();
-                    Arc::clone(running.get())
-                }
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    Arc::clone(slot.insert(Arc::default()))
-                }
-            }
-        };
-        let answer = cell
-            .get_or_init(|| self.refresh_tag(target, tag, accept, &key, cached))
+        self.tag_refreshes
+            .run(key.clone(), || {
+                self.refresh_tag(target, tag, accept, &key, cached)
+            })
             .await
-            .clone();
-        let mut refreshes = self.tag_refreshes.lock().unwrap_or_else(|e| e.into_inner());
-        if refreshes
-            .get(&key)
-            .is_some_and(|current| Arc::ptr_eq(current, &cell))
-        {
-            refreshes.remove(&key);
-        }
-        answer
+            .value
     }
 
     /// A tag that is not cached, or cached past its TTL: fetch it, or revalidate it with a HEAD.
@@ -900,26 +886,7 @@ fn repository_key(target: &Target) -> String {
 }
 
 fn is_docker_hub(url: &BaseUrl) -> bool {
-    let host = url.host();
-    host == "docker.io" || host.ends_with(".docker.io")
-}
-
-/// A first path component is a registry host if it is a host name (with a dot or a port) or
-/// `localhost`, the rule docker's reference parser uses. `..` is not a host.
-fn looks_like_host(component: &str) -> bool {
-    let (host, port) = match component.rsplit_once(':') {
-        Some((host, port)) => (host, Some(port)),
-        None => (component, None),
-    };
-    let labels_ok = !host.is_empty()
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    labels_ok && port_ok && (host.contains('.') || port.is_some() || host == "localhost")
+    host::is_docker_hub(url.host())
 }
 
 /// A host named by a client is dialed only as a DNS name or a dotted-quad IPv4 address. The other
@@ -998,8 +965,6 @@ pub(crate) async fn status_error(
 
 #[cfg(test)]
 mod tests {
-    use super::looks_like_host;
-
     #[test]
     fn only_one_spelling_of_an_address_is_dialed() {
         for host in [
@@ -1019,24 +984,6 @@ mod tests {
             "10.1",
         ] {
             assert!(super::dialable_host(host).is_err(), "{host}");
-        }
-    }
-
-    #[test]
-    fn hosts_are_told_from_repository_components() {
-        for host in [
-            "ghcr.io",
-            "localhost",
-            "localhost:5000",
-            "127.0.0.1:5000",
-            "registry-1.docker.io",
-        ] {
-            assert!(looks_like_host(host), "{host}");
-        }
-        for not_host in [
-            "library", "..", ".", "a..b", "my-app", "host:", ":5000", "a.b:x",
-        ] {
-            assert!(!looks_like_host(not_host), "{not_host}");
         }
     }
 }

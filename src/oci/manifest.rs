@@ -7,6 +7,30 @@ use serde::Deserialize;
 
 use super::Digest;
 
+/// A stored or shared manifest is its media type, a newline, then the bytes exactly as the
+/// upstream sent them (the digest is over those bytes only). This writes the first part.
+pub fn stored_header(media_type: &str) -> Vec<u8> {
+    let mut header = Vec::with_capacity(media_type.len() + 1);
+    header.extend_from_slice(media_type.as_bytes());
+    header.push(b'\n');
+    header
+}
+
+/// The whole stored form of a manifest: [`stored_header`] then `bytes`.
+pub fn encode_stored(media_type: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut stored = stored_header(media_type);
+    stored.extend_from_slice(bytes);
+    stored
+}
+
+/// Splits a stored manifest into its media type and the offset where its bytes start; `None`
+/// when there is no media type line.
+pub fn split_stored(raw: &[u8]) -> Option<(&str, usize)> {
+    let newline = raw.iter().position(|b| *b == b'\n')?;
+    let media_type = std::str::from_utf8(&raw[..newline]).ok()?;
+    Some((media_type, newline + 1))
+}
+
 /// A content descriptor (`config`, an entry of `layers`, `blobs` or `manifests`).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Descriptor {
@@ -96,5 +120,15 @@ mod tests {
         let platform = doc.manifests[0].platform.as_ref().unwrap();
         assert!(platform.matches("linux/arm64") && platform.matches("linux/arm64/v8"));
         assert!(!platform.matches("linux/amd64"));
+    }
+
+    #[test]
+    fn stored_form_round_trips() {
+        let stored = encode_stored("application/vnd.oci.image.manifest.v1+json", b"{\n}");
+        let (media_type, start) = split_stored(&stored).unwrap();
+        assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
+        assert_eq!(&stored[start..], b"{\n}");
+        assert!(split_stored(b"no newline").is_none());
+        assert!(split_stored(b"\xff\n{}").is_none());
     }
 }

@@ -6,6 +6,7 @@
 
 mod digest;
 mod error;
+pub mod host;
 pub mod manifest;
 mod media;
 mod name;

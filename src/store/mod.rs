@@ -33,6 +33,7 @@ pub use body::{read_exact_at, BlobBody, FileChunks, READ_CHUNK};
 pub use writer::BlobWriter;
 
 use crate::metrics::Metrics;
+use crate::oci::manifest::{split_stored, stored_header};
 use crate::oci::{Algorithm, Digest};
 
 #[derive(Debug, thiserror::Error)]
@@ -370,9 +371,9 @@ impl Store {
         let raw = tokio::fs::read(self.path(Kind::Manifest, digest)).await;
         drop(lease);
         let parsed = raw.ok().and_then(|raw| {
-            let split = raw.iter().position(|b| *b == b'\n')?;
-            let media_type = String::from_utf8(raw[..split].to_vec()).ok()?;
-            let bytes = Bytes::from(raw).slice(split + 1..);
+            let (media_type, start) = split_stored(&raw)?;
+            let media_type = media_type.to_owned();
+            let bytes = Bytes::from(raw).slice(start..);
             Some(StoredManifest { media_type, bytes })
         });
         match &parsed {
@@ -397,9 +398,9 @@ impl Store {
             });
         }
         let mut writer = BlobWriter::create(self, Kind::Manifest, digest.clone(), None)?;
-        let mut header = media_type.as_bytes().to_vec();
-        header.push(b'\n');
-        writer.write_unhashed(Bytes::from(header)).await?;
+        writer
+            .write_unhashed(Bytes::from(stored_header(media_type)))
+            .await?;
         writer.write(bytes).await?;
         writer.commit().await
     }
@@ -537,9 +538,8 @@ fn manifest_body_offset(path: &Path) -> io::Result<u64> {
     use std::io::Read;
     let mut head = Vec::with_capacity(256);
     File::open(path)?.take(1024).read_to_end(&mut head)?;
-    head.iter()
-        .position(|b| *b == b'\n')
-        .map(|p| p as u64 + 1)
+    split_stored(&head)
+        .map(|(_, start)| start as u64)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no media type line"))
 }
 

@@ -5,6 +5,7 @@
 //! comes back, without a restart. Every operation has a short timeout: a hung Redis must not hold
 //! up a pull.
 
+use crate::oci::manifest::{encode_stored, split_stored};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -79,9 +80,8 @@ impl RedisTags {
         command.arg(key);
         let raw: Option<Vec<u8>> = self.run(command).await?;
         Ok(raw.and_then(|raw| {
-            let split = raw.iter().position(|b| *b == b'\n')?;
-            let media_type = String::from_utf8(raw[..split].to_vec()).ok()?;
-            Some((media_type, raw[split + 1..].to_vec()))
+            let (media_type, start) = split_stored(&raw)?;
+            Some((media_type.to_owned(), raw[start..].to_vec()))
         }))
     }
 
@@ -91,10 +91,7 @@ impl RedisTags {
         media_type: &str,
         bytes: &[u8],
     ) -> Result<(), TagError> {
-        let mut value = Vec::with_capacity(media_type.len() + 1 + bytes.len());
-        value.extend_from_slice(media_type.as_bytes());
-        value.push(b'\n');
-        value.extend_from_slice(bytes);
+        let value = encode_stored(media_type, bytes);
         let mut command = redis::cmd("SET");
         command
             .arg(key)

@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::auth::Credentials;
 use crate::config::{Secret, UpstreamAccess};
+use crate::oci::host::DOCKER_HUB_NAMES;
 
 /// A helper that does not answer in this time is treated as having no credentials.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -122,15 +123,8 @@ impl CredentialSource {
             format!("https://{authority}"),
         ];
         if docker_hub {
-            names.extend(
-                [
-                    DOCKER_HUB_KEY,
-                    "index.docker.io",
-                    "docker.io",
-                    "registry-1.docker.io",
-                ]
-                .map(str::to_owned),
-            );
+            names.push(DOCKER_HUB_KEY.to_owned());
+            names.extend(DOCKER_HUB_NAMES.map(str::to_owned));
         }
         if let Some(helper) = names.iter().find_map(|n| config.cred_helpers.get(n)) {
             return Ok(CredentialSource::Helper(Helper::new(helper, server_url)));
