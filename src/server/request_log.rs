@@ -57,11 +57,18 @@ impl LoggedBody {
             cache = log.outcome.cache,
             bytes = self.sent,
             complete,
-            ms = elapsed.as_secs_f64() * 1000.0,
+            ms = millis(elapsed),
             error,
             "request"
         );
     }
+}
+
+/// A duration in milliseconds to the microsecond (`0.051`). Dividing whole microseconds gives the
+/// double nearest that decimal, which prints short; `as_secs_f64() * 1000.0` printed
+/// `0.051035000000000004`.
+fn millis(elapsed: std::time::Duration) -> f64 {
+    elapsed.as_micros() as f64 / 1000.0
 }
 
 impl Body for LoggedBody {
@@ -101,5 +108,22 @@ impl Drop for LoggedBody {
     fn drop(&mut self) {
         let complete = self.inner.is_end_stream();
         self.finish(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::millis;
+
+    #[test]
+    fn durations_print_as_milliseconds_to_the_microsecond() {
+        assert_eq!(millis(Duration::from_nanos(51_035)).to_string(), "0.051");
+        assert_eq!(
+            millis(Duration::from_nanos(1_234_005_900)).to_string(),
+            "1234.005"
+        );
+        assert_eq!(millis(Duration::ZERO).to_string(), "0");
     }
 }
