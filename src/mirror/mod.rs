@@ -7,34 +7,34 @@
 
 mod download;
 mod error;
+mod registries;
+mod send;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::mpsc;
 
 pub use download::{Flight, Follower};
 pub use error::MirrorError;
+pub use registries::{Registry, Target};
+pub(crate) use send::{status_error, upstream_failure};
 
-use crate::config::{BaseUrl, Config, UpstreamAccess};
+use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::oci::host;
 use crate::oci::manifest::ManifestDoc;
-use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, RepoName};
+use crate::oci::{AcceptSet, Digest, Reference};
 use crate::single_flight::SingleFlight;
 use crate::store::{BlobFile, Store};
 use crate::tags::{TagEntry, Tags};
-use crate::upstream::{
-    AddressPolicy, CredentialError, CredentialSource, Pool, Upstream, UpstreamBody, UpstreamError,
-    UpstreamRequest,
-};
+use crate::upstream::{CredentialError, Pool, Upstream, UpstreamRequest};
+use registries::Registries;
+use send::{repository_request, send_ok};
 
-/// Upstream error bodies are read for their OCI code; anything larger is not an error document.
-const MAX_ERROR_BODY: usize = 64 << 10;
 /// Tag lists and referrers indexes are passed through whole, so they are capped.
 const MAX_LISTING: usize = 4 << 20;
 
@@ -42,28 +42,8 @@ const MAX_LISTING: usize = 4 << 20;
 /// with the upstream when asked for (a manifest of 8 MiB could otherwise list ~50,000).
 const MAX_LINKS_PER_MANIFEST: usize = 1_000;
 
-/// Registries created on demand under `allow_any_registry`, at most.
-const MAX_ANY_REGISTRIES: usize = 1_000;
 /// Cached tag lists and referrers indexes (each at most `MAX_LISTING` bytes, most far smaller).
 const MAX_LISTINGS: u64 = 10_000;
-
-/// Host names under which Docker Hub is known to clients (`ns=docker.io`, `/v2/docker.io/...`).
-const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "registry-1.docker.io", "index.docker.io"];
-
-/// One upstream registry and its policy.
-pub struct Registry {
-    pub upstream: Arc<Upstream>,
-    pub tags_ttl: Duration,
-    /// Docker Hub puts single-component names under `library/`.
-    pub docker_hub: bool,
-}
-
-/// A request's repository, resolved to the registry that serves it.
-#[derive(Clone)]
-pub struct Target {
-    pub registry: Arc<Registry>,
-    pub repo: RepoName,
-}
 
 /// A manifest ready to be served.
 #[derive(Clone, Debug)]
@@ -102,10 +82,7 @@ pub struct Passthrough {
 pub struct Mirror {
     store: Arc<Store>,
     tags: Tags,
-    default_registry: Arc<Registry>,
-    /// Every registry by each host name clients may use for it.
-    by_host: HashMap<String, Arc<Registry>>,
-    any_registry: Option<AnyRegistry>,
+    registries: Registries,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
     /// Tag fetches and revalidations in progress, by tag key.
     tag_refreshes: SingleFlight<String, Result<Manifest, MirrorError>>,
@@ -122,41 +99,6 @@ pub struct Mirror {
     download_queue_wait: Duration,
 }
 
-impl Registry {
-    fn new(
-        name: String,
-        access: &UpstreamAccess<'_>,
-        tags_ttl: Duration,
-        pool: &Pool,
-    ) -> Result<Self, CredentialError> {
-        let docker_hub = is_docker_hub(access.url);
-        let credentials = CredentialSource::from_access(access, &name, docker_hub)?;
-        let realms = access
-            .token_realms
-            .iter()
-            .map(|r| (*r).to_owned())
-            .collect();
-        Ok(Self {
-            upstream: Arc::new(Upstream::new(
-                name,
-                access.url.clone(),
-                credentials,
-                realms,
-                pool.clone(),
-            )),
-            tags_ttl,
-            docker_hub,
-        })
-    }
-}
-
-/// Registries created on demand under `allow_any_registry`.
-struct AnyRegistry {
-    pool: Pool,
-    tags_ttl: Duration,
-    seen: Mutex<HashMap<String, Arc<Registry>>>,
-}
-
 impl Mirror {
     pub fn new(
         config: &Config,
@@ -165,49 +107,10 @@ impl Mirror {
         pool: Pool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, CredentialError> {
-        let source = &config.mirroring.source;
-        let docker_hub = is_docker_hub(source);
-        let default_name = if docker_hub {
-            "docker.io".to_owned()
-        } else {
-            source.authority().to_owned()
-        };
-        let default_registry = Arc::new(Registry::new(
-            default_name.clone(),
-            &config.mirroring.access(),
-            config.mirroring.tags_cache_ttl.0,
-            &pool,
-        )?);
-        // `mirroring.source` is what this mirror serves as Docker Hub (dockerd's `registry-mirrors`
-        // and containerd's `ns=docker.io` mean exactly that), whatever its URL.
-        let mut by_host = HashMap::new();
-        by_host.insert(default_name, Arc::clone(&default_registry));
-        by_host.insert(source.authority().to_owned(), Arc::clone(&default_registry));
-        for alias in DOCKER_HUB_ALIASES {
-            by_host.insert(alias.to_owned(), Arc::clone(&default_registry));
-        }
-        for (index, entry) in config.registries.iter().enumerate() {
-            let host = entry.host.0.to_ascii_lowercase();
-            let ttl = entry
-                .tags_cache_ttl
-                .unwrap_or(config.mirroring.tags_cache_ttl)
-                .0;
-            let registry = Registry::new(host.clone(), &entry.access(index), ttl, &pool)?;
-            by_host.insert(host, Arc::new(registry));
-        }
         Ok(Self {
             store,
             tags,
-            default_registry,
-            by_host,
-            any_registry: config.allow_any_registry.then(|| AnyRegistry {
-                // Hosts named by clients reach only public addresses, or the ranges allowed.
-                pool: pool.checked(AddressPolicy {
-                    allowed: config.allow_any_registry_networks.clone(),
-                }),
-                tags_ttl: config.mirroring.tags_cache_ttl.0,
-                seen: Mutex::new(HashMap::new()),
-            }),
+            registries: Registries::new(config, &pool)?,
             flights: Mutex::new(HashMap::new()),
             tag_refreshes: SingleFlight::counting_joins({
                 let joins = metrics.tag_refresh_joins.clone();
@@ -228,42 +131,6 @@ impl Mirror {
         })
     }
 
-    /// The registry for a host name clients used, creating an anonymous https one when
-    /// `allow_any_registry` is on.
-    /// `Some(Err(reason))` for a host a client named that gantry will not dial.
-    fn registry_for(&self, host: &str) -> Option<Result<Arc<Registry>, String>> {
-        let host = host.to_ascii_lowercase();
-        if let Some(registry) = self.by_host.get(&host) {
-            return Some(Ok(Arc::clone(registry)));
-        }
-        let any = self.any_registry.as_ref()?;
-        if let Err(reason) = dialable_host(&host) {
-            return Some(Err(reason));
-        }
-        let mut seen = any.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(registry) = seen.get(&host) {
-            return Some(Ok(Arc::clone(registry)));
-        }
-        if seen.len() >= MAX_ANY_REGISTRIES {
-            tracing::warn!(%host, "allow_any_registry: too many registries already; refusing a new one");
-            return None;
-        }
-        let url = BaseUrl::parse(&format!("https://{host}")).ok()?;
-        let registry = Arc::new(Registry {
-            upstream: Arc::new(Upstream::new(
-                host.clone(),
-                url.clone(),
-                CredentialSource::None,
-                Vec::new(),
-                any.pool.clone(),
-            )),
-            tags_ttl: any.tags_ttl,
-            docker_hub: is_docker_hub(&url),
-        });
-        seen.insert(host, Arc::clone(&registry));
-        Some(Ok(registry))
-    }
-
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -275,35 +142,7 @@ impl Mirror {
     /// Picks the registry for a request: containerd's `ns` parameter, else a first path component
     /// naming a configured host, else the default source.
     pub fn resolve(&self, ns: Option<&str>, name: &str) -> Result<Target, MirrorError> {
-        let unknown = |host: &str| {
-            OciError::new(
-                ErrorCode::NameUnknown,
-                format!("registry {host} is not mirrored here"),
-            )
-        };
-        let registry_named = |host: &str| match self.registry_for(host) {
-            Some(Ok(registry)) => Ok(registry),
-            Some(Err(reason)) => Err(OciError::new(ErrorCode::Denied, reason)),
-            None => Err(unknown(host)),
-        };
-        let (registry, repo) = if let Some(ns) = ns {
-            if !host::looks_like_host(ns) {
-                return Err(unknown(ns).into());
-            }
-            (registry_named(ns)?, name)
-        } else {
-            match name.split_once('/') {
-                Some((first, rest)) if host::looks_like_host(first) => {
-                    (registry_named(first)?, rest)
-                }
-                _ => (Arc::clone(&self.default_registry), name),
-            }
-        };
-        let mut repo = RepoName::parse(repo)?;
-        if registry.docker_hub {
-            repo = repo.with_library_prefix();
-        }
-        Ok(Target { registry, repo })
+        self.registries.resolve(ns, name)
     }
 
     /// A manifest by tag or digest, for a client accepting `accept`.
@@ -398,28 +237,19 @@ impl Mirror {
         digest: &Digest,
         accept: Option<AcceptSet>,
     ) -> Result<(), MirrorError> {
-        let upstream = &target.registry.upstream;
-        let mut request = UpstreamRequest::new(
-            Method::HEAD,
-            target.repo.as_str(),
-            format!("/v2/{}/{kind}/{digest}", target.repo),
-        );
-        if let Some(accept) = accept.filter(|a| !a.is_empty()) {
-            request.accept = HeaderValue::from_str(&accept.header_value()).ok();
-        }
-        let checks = &self.metrics.repository_checks;
-        let response = match upstream.send(&request).await {
-            Ok(response) => response,
-            Err(error) => {
-                checks.with_label_values(&["failed"]).inc();
-                return Err(upstream_failure(upstream, error));
-            }
+        let request = repository_request(Method::HEAD, target, kind, &digest.to_string(), accept);
+        let result = send_ok(&target.registry.upstream, &request, |s| s.is_success()).await;
+        let outcome = match &result {
+            Ok(_) => "linked",
+            // An error answer is the upstream's no; anything else is a failure to ask.
+            Err(MirrorError::UpstreamStatus { .. }) => "refused",
+            Err(_) => "failed",
         };
-        if !response.status().is_success() {
-            checks.with_label_values(&["refused"]).inc();
-            return Err(status_error(upstream, response).await);
-        }
-        checks.with_label_values(&["linked"]).inc();
+        self.metrics
+            .repository_checks
+            .with_label_values(&[outcome])
+            .inc();
+        result?;
         self.link(target, vec![digest.clone()]).await;
         Ok(())
     }
@@ -625,14 +455,8 @@ impl Mirror {
         reference: &str,
         accept: AcceptSet,
     ) -> Result<Option<Digest>, MirrorError> {
-        let upstream = &target.registry.upstream;
-        let response = upstream
-            .send(&manifest_request(Method::HEAD, target, reference, accept))
-            .await
-            .map_err(|e| upstream_failure(upstream, e))?;
-        if !response.status().is_success() {
-            return Err(status_error(upstream, response).await);
-        }
+        let request = manifest_request(Method::HEAD, target, reference, accept);
+        let response = send_ok(&target.registry.upstream, &request, |s| s.is_success()).await?;
         Ok(response
             .headers()
             .get("docker-content-digest")
@@ -648,13 +472,8 @@ impl Mirror {
         accept: AcceptSet,
     ) -> Result<Manifest, MirrorError> {
         let upstream = &target.registry.upstream;
-        let response = upstream
-            .send(&manifest_request(Method::GET, target, reference, accept))
-            .await
-            .map_err(|e| upstream_failure(upstream, e))?;
-        if response.status() != StatusCode::OK {
-            return Err(status_error(upstream, response).await);
-        }
+        let request = manifest_request(Method::GET, target, reference, accept);
+        let response = send_ok(upstream, &request, |s| s == StatusCode::OK).await?;
         let headers = response.headers().clone();
         let bytes = response
             .into_body()
@@ -830,13 +649,7 @@ impl Mirror {
         path: String,
     ) -> Result<Passthrough, MirrorError> {
         let request = UpstreamRequest::new(Method::GET, target.repo.as_str(), path);
-        let response = upstream
-            .send(&request)
-            .await
-            .map_err(|e| upstream_failure(upstream, e))?;
-        if !response.status().is_success() {
-            return Err(status_error(upstream, response).await);
-        }
+        let response = send_ok(upstream, &request, |s| s.is_success()).await?;
         let status = response.status();
         let mut headers = HeaderMap::new();
         for name in [CONTENT_TYPE, http::header::LINK] {
@@ -869,47 +682,12 @@ fn manifest_request(
     reference: &str,
     accept: AcceptSet,
 ) -> UpstreamRequest {
-    let mut request = UpstreamRequest::new(
-        method,
-        target.repo.as_str(),
-        format!("/v2/{}/manifests/{reference}", target.repo),
-    );
-    if !accept.is_empty() {
-        request.accept = HeaderValue::from_str(&accept.header_value()).ok();
-    }
-    request
+    repository_request(method, target, "manifests", reference, Some(accept))
 }
 
 /// `<registry>/<repository>`, the name links are recorded under.
 fn repository_key(target: &Target) -> String {
     format!("{}/{}", target.registry.upstream.name(), target.repo)
-}
-
-fn is_docker_hub(url: &BaseUrl) -> bool {
-    host::is_docker_hub(url.host())
-}
-
-/// A host named by a client is dialed only as a DNS name or a dotted-quad IPv4 address. The other
-/// IPv4 spellings getaddrinfo accepts (`127.1`, `2130706433`, `0x7f.1`, `0177.0.0.1`) all end
-/// in a numeric label, which no DNS name does; refusing them keeps one reading of every host.
-fn dialable_host(authority: &str) -> Result<(), String> {
-    let host = authority
-        .rsplit_once(':')
-        .map_or(authority, |(host, _)| host);
-    if host.parse::<std::net::Ipv4Addr>().is_ok() {
-        return Ok(());
-    }
-    let last = host.rsplit('.').next().unwrap_or(host);
-    let numeric = last.bytes().all(|b| b.is_ascii_digit())
-        || last
-            .strip_prefix("0x")
-            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
-    if numeric {
-        return Err(format!(
-            "{host} is neither a host name nor a dotted-quad IPv4 address; gantry does not dial it"
-        ));
-    }
-    Ok(())
 }
 
 /// Failures of the upstream (not of the request) allow a cached tag to be served past its TTL.
@@ -925,65 +703,5 @@ fn serves_stale(error: &MirrorError) -> bool {
         | MirrorError::Store(_)
         | MirrorError::Internal(_)
         | MirrorError::Overloaded { .. } => false,
-    }
-}
-
-pub(crate) fn upstream_failure(upstream: &Upstream, error: UpstreamError) -> MirrorError {
-    // A host the client named that resolves to a forbidden address is the request's fault: a
-    // clear 403, never a retryable 503 or a stale answer.
-    if let UpstreamError::Refused { source, .. } = &error {
-        return MirrorError::Request(OciError::new(ErrorCode::Denied, source.to_string()));
-    }
-    MirrorError::Unavailable {
-        registry: upstream.name().to_owned(),
-        source: Arc::new(error),
-    }
-}
-
-/// Turns an upstream error response into a [`MirrorError`], keeping its OCI body if readable.
-pub(crate) async fn status_error(
-    upstream: &Upstream,
-    response: Response<UpstreamBody>,
-) -> MirrorError {
-    let status = response.status();
-    let retry_after = response.headers().get(RETRY_AFTER).cloned();
-    let body = response
-        .into_body()
-        .collect_limited(MAX_ERROR_BODY)
-        .await
-        .ok();
-    let body = body.filter(|b| {
-        serde_json::from_slice::<serde_json::Value>(b).is_ok_and(|v| v.get("errors").is_some())
-    });
-    MirrorError::UpstreamStatus {
-        registry: upstream.name().to_owned(),
-        status,
-        retry_after,
-        body,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn only_one_spelling_of_an_address_is_dialed() {
-        for host in [
-            "ghcr.io",
-            "127.0.0.1:5000",
-            "localhost:5000",
-            "my-registry.internal",
-        ] {
-            assert!(super::dialable_host(host).is_ok(), "{host}");
-        }
-        for host in [
-            "127.1",
-            "2130706433:80",
-            "0x7f.1",
-            "0177.0.0.1",
-            "0x7f000001",
-            "10.1",
-        ] {
-            assert!(super::dialable_host(host).is_err(), "{host}");
-        }
     }
 }
