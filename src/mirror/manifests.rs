@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 
 use super::send::{repository_request, send_ok, upstream_failure};
 use super::{Mirror, MirrorError, Target};
@@ -245,11 +245,7 @@ impl Mirror {
     ) -> Result<Option<Digest>, MirrorError> {
         let request = manifest_request(Method::HEAD, target, reference, accept);
         let response = send_ok(&target.registry.upstream, &request, |s| s.is_success()).await?;
-        Ok(response
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Digest::parse(v).ok()))
+        Ok(content_digest(response.headers()))
     }
 
     /// GETs a manifest, verifies it and stores it.
@@ -280,10 +276,7 @@ impl Mirror {
             .filter(|v| !v.is_empty() && !v.contains('\n'))
             .ok_or_else(|| bad("the manifest has no Content-Type".into()))?;
         // The digest is over the exact bytes; the upstream's header, if any, must agree with them.
-        let claimed = headers
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Digest::parse(v).ok());
+        let claimed = content_digest(&headers);
         let algorithm = claimed
             .as_ref()
             .map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
@@ -324,4 +317,12 @@ fn manifest_request(
     accept: AcceptSet,
 ) -> UpstreamRequest {
     repository_request(method, target, "manifests", reference, Some(accept))
+}
+
+/// The upstream's `Docker-Content-Digest`, if it sent a readable one.
+fn content_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok())
 }
