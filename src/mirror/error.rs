@@ -57,3 +57,21 @@ pub enum MirrorError {
     #[error("internal: {0}")]
     Internal(&'static str),
 }
+
+impl MirrorError {
+    /// Failures of the upstream (not of the request, not our own) allow a cached tag or listing to
+    /// be served past its TTL.
+    pub(super) fn serves_stale(&self) -> bool {
+        match self {
+            Self::Unavailable { .. } | Self::DownloadTimeout { .. } | Self::BadContent { .. } => {
+                true
+            }
+            Self::UpstreamStatus { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Request(_) | Self::Store(_) | Self::Internal(_) | Self::Overloaded { .. } => {
+                false
+            }
+        }
+    }
+}

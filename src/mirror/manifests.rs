@@ -1,0 +1,328 @@
+//! The manifest path: by digest from the store, by tag through the tag cache and its TTL, and
+//! upstream only when the caches cannot answer. Tags are the one mutable thing a registry serves,
+//! so this is where the freshness policy lives: fresh inside the TTL, revalidated with a `HEAD`
+//! after it, coalesced per tag key, and served stale when the upstream (not the request) fails.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, Method, StatusCode};
+
+use super::send::{repository_request, send_ok, upstream_failure};
+use super::{Mirror, MirrorError, Target};
+use crate::oci::{AcceptSet, Digest, Reference};
+use crate::store::StoredManifest;
+use crate::tags::{TagEntry, Tags};
+use crate::upstream::UpstreamRequest;
+
+/// A manifest ready to be served.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    /// Served past its TTL because the upstream failed.
+    pub stale: bool,
+    /// Answered from the caches (store, tag cache, Redis) rather than fetched upstream now.
+    pub cached: bool,
+}
+
+impl Manifest {
+    /// A manifest the caches answered with (the store, or another replica through Redis), fresh.
+    fn from_stored(digest: Digest, stored: StoredManifest) -> Self {
+        Self {
+            digest,
+            media_type: stored.media_type,
+            bytes: stored.bytes,
+            stale: false,
+            cached: true,
+        }
+    }
+}
+
+impl Mirror {
+    /// A manifest by tag or digest, for a client accepting `accept`.
+    pub async fn manifest(
+        &self,
+        target: &Target,
+        reference: &Reference,
+        accept: AcceptSet,
+    ) -> Result<Manifest, MirrorError> {
+        let manifest = match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(target, digest, accept).await?,
+            Reference::Tag(tag) => self.manifest_by_tag(target, tag.as_str(), accept).await?,
+        };
+        self.link_manifest(target, &manifest).await;
+        Ok(manifest)
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        accept: AcceptSet,
+    ) -> Result<Manifest, MirrorError> {
+        if let Some(stored) = self.store.read_manifest(digest).await {
+            if accept.accepts(&stored.media_type) {
+                if !self.knows(target, digest).await {
+                    self.confirm_with_upstream(target, "manifests", digest, Some(accept))
+                        .await?;
+                }
+                self.metrics.cache_lookup("manifest", "hit");
+                return Ok(Manifest::from_stored(digest.clone(), stored));
+            }
+        }
+        self.metrics.cache_lookup("manifest", "miss");
+        let fetched = self
+            .fetch_manifest(target, &digest.to_string(), accept)
+            .await?;
+        if fetched.digest != *digest {
+            return Err(MirrorError::BadContent {
+                registry: target.registry.upstream.name().to_owned(),
+                digest: digest.to_string(),
+                reason: format!("the manifest hashes to {}", fetched.digest),
+            });
+        }
+        Ok(fetched)
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        target: &Target,
+        tag: &str,
+        accept: AcceptSet,
+    ) -> Result<Manifest, MirrorError> {
+        let upstream = &target.registry.upstream;
+        let key = Tags::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
+        let cached = match self.tags.get(&key).await {
+            Some(entry) => self
+                .stored_for_tag(&entry)
+                .await
+                .map(|manifest| (entry, manifest)),
+            None => None,
+        };
+        if let Some((entry, manifest)) = &cached {
+            if entry.age() < target.registry.tags_ttl {
+                self.metrics.cache_lookup("tag", "hit");
+                return Ok(manifest.clone());
+            }
+        }
+        // The slow path runs once per tag key at a time; concurrent requests share its answer, so
+        // a burst of cold pulls costs the upstream (and a Docker Hub rate limit) one request.
+        self.tag_refreshes
+            .run(key.clone(), || {
+                self.refresh_tag(target, tag, accept, &key, cached)
+            })
+            .await
+            .value
+    }
+
+    /// A tag that is not cached, or cached past its TTL: fetch it, or revalidate it with a HEAD.
+    async fn refresh_tag(
+        &self,
+        target: &Target,
+        tag: &str,
+        accept: AcceptSet,
+        key: &str,
+        cached: Option<(TagEntry, Manifest)>,
+    ) -> Result<Manifest, MirrorError> {
+        let Some((entry, manifest)) = cached else {
+            self.metrics.cache_lookup("tag", "miss");
+            return match self.fetch_manifest(target, tag, accept).await {
+                Ok(manifest) => {
+                    self.remember_tag(target, tag, key, &manifest).await;
+                    Ok(manifest)
+                }
+                Err(error) if error.serves_stale() => {
+                    match self.any_cached_answer(target, tag, accept).await {
+                        Some(manifest) => Ok(self.stale(manifest, &error)),
+                        None => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            };
+        };
+        // Past the TTL: a HEAD (free against Docker Hub's pull limit) tells whether the tag moved.
+        match self.head_manifest(target, tag, accept).await {
+            Ok(Some(current)) if current == manifest.digest => {
+                self.metrics
+                    .tag_revalidations
+                    .with_label_values(&["unchanged"])
+                    .inc();
+                self.metrics.cache_lookup("tag", "hit");
+                self.tags.put(key, &entry.confirmed_now()).await;
+                Ok(manifest)
+            }
+            Ok(_) => {
+                self.metrics
+                    .tag_revalidations
+                    .with_label_values(&["changed"])
+                    .inc();
+                self.metrics.cache_lookup("tag", "miss");
+                let fresh = self.fetch_manifest(target, tag, accept).await;
+                match fresh {
+                    Ok(fresh) => {
+                        self.remember_tag(target, tag, key, &fresh).await;
+                        Ok(fresh)
+                    }
+                    Err(error) if error.serves_stale() => Ok(self.stale(manifest, &error)),
+                    Err(error) => Err(error),
+                }
+            }
+            Err(error) if error.serves_stale() => {
+                self.metrics
+                    .tag_revalidations
+                    .with_label_values(&["failed"])
+                    .inc();
+                Ok(self.stale(manifest, &error))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Records what a tag names for this Accept set, and as the tag's latest answer for any.
+    async fn remember_tag(&self, target: &Target, tag: &str, key: &str, manifest: &Manifest) {
+        let entry = TagEntry::new(manifest.digest.to_string(), manifest.media_type.clone());
+        self.tags.put(key, &entry).await;
+        let any = Tags::any_key(target.registry.upstream.name(), target.repo.as_str(), tag);
+        self.tags.put(&any, &entry).await;
+    }
+
+    /// During an outage, a client whose Accept set never asked for this tag can still be served
+    /// what another client got, if it accepts that media type.
+    async fn any_cached_answer(
+        &self,
+        target: &Target,
+        tag: &str,
+        accept: AcceptSet,
+    ) -> Option<Manifest> {
+        let any = Tags::any_key(target.registry.upstream.name(), target.repo.as_str(), tag);
+        let entry = self.tags.get(&any).await?;
+        if !accept.accepts(&entry.media_type) {
+            return None;
+        }
+        self.stored_for_tag(&entry).await
+    }
+
+    fn stale(&self, mut manifest: Manifest, error: &MirrorError) -> Manifest {
+        tracing::warn!(%error, digest = %manifest.digest, "upstream failed; serving the cached tag");
+        self.metrics.cache_lookup("tag", "stale");
+        manifest.stale = true;
+        manifest
+    }
+
+    /// The manifest a tag entry names: from the store, else shared by another replica through
+    /// Redis (verified against its digest, then stored).
+    async fn stored_for_tag(&self, entry: &TagEntry) -> Option<Manifest> {
+        let digest = Digest::parse(&entry.digest).ok()?;
+        if let Some(stored) = self.store.read_manifest(&digest).await {
+            return Some(Manifest::from_stored(digest, stored));
+        }
+        let (media_type, bytes) = self.tags.shared_manifest(&entry.digest).await?;
+        let bytes = Bytes::from(bytes);
+        // write_manifest refuses bytes that do not hash to the digest.
+        if let Err(error) = self
+            .store
+            .write_manifest(&digest, &media_type, bytes.clone())
+            .await
+        {
+            tracing::warn!(%digest, %error, "ignoring a shared manifest that cannot be stored");
+            return None;
+        }
+        Some(Manifest::from_stored(
+            digest,
+            StoredManifest { media_type, bytes },
+        ))
+    }
+
+    /// `Ok(Some(digest))` from the upstream's `Docker-Content-Digest`, `Ok(None)` if it sent none.
+    async fn head_manifest(
+        &self,
+        target: &Target,
+        reference: &str,
+        accept: AcceptSet,
+    ) -> Result<Option<Digest>, MirrorError> {
+        let request = manifest_request(Method::HEAD, target, reference, accept);
+        let response = send_ok(&target.registry.upstream, &request, |s| s.is_success()).await?;
+        Ok(content_digest(response.headers()))
+    }
+
+    /// GETs a manifest, verifies it and stores it.
+    async fn fetch_manifest(
+        &self,
+        target: &Target,
+        reference: &str,
+        accept: AcceptSet,
+    ) -> Result<Manifest, MirrorError> {
+        let upstream = &target.registry.upstream;
+        let request = manifest_request(Method::GET, target, reference, accept);
+        let response = send_ok(upstream, &request, |s| s == StatusCode::OK).await?;
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect_limited(self.max_manifest_size)
+            .await
+            .map_err(|e| upstream_failure(upstream, e))?;
+        let bad = |reason: String| MirrorError::BadContent {
+            registry: upstream.name().to_owned(),
+            digest: reference.to_owned(),
+            reason,
+        };
+        let media_type = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|v| !v.is_empty() && !v.contains('\n'))
+            .ok_or_else(|| bad("the manifest has no Content-Type".into()))?;
+        // The digest is over the exact bytes; the upstream's header, if any, must agree with them.
+        let claimed = content_digest(&headers);
+        let algorithm = claimed
+            .as_ref()
+            .map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
+        let digest = Digest::of(algorithm, &bytes);
+        if let Some(claimed) = claimed {
+            if claimed != digest {
+                return Err(bad(format!(
+                    "Docker-Content-Digest says {claimed}, the bytes hash to {digest}"
+                )));
+            }
+        }
+        if !accept.accepts(&media_type) {
+            return Err(bad(format!(
+                "the upstream answered {media_type}, which the client did not ask for"
+            )));
+        }
+        self.store
+            .write_manifest(&digest, &media_type, bytes.clone())
+            .await
+            .map_err(|e| MirrorError::Store(Arc::new(e)))?;
+        self.tags
+            .share_manifest(&digest.to_string(), &media_type, &bytes)
+            .await;
+        Ok(Manifest {
+            digest,
+            media_type,
+            bytes,
+            stale: false,
+            cached: false,
+        })
+    }
+}
+
+fn manifest_request(
+    method: Method,
+    target: &Target,
+    reference: &str,
+    accept: AcceptSet,
+) -> UpstreamRequest {
+    repository_request(method, target, "manifests", reference, Some(accept))
+}
+
+/// The upstream's `Docker-Content-Digest`, if it sent a readable one.
+fn content_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok())
+}
