@@ -11,8 +11,8 @@
 //!
 //! Nothing enters `blobs/` or `manifests/` unless its bytes hash to its name: writers stream into
 //! `tmp/`, hash as they go, fsync, and rename only on a match. An in-memory LRU index (rebuilt from
-//! disk at start-up) keeps the store under `storage.max_size`; entries being read are pinned and
-//! never evicted.
+//! disk at start-up) keeps the store under `storage.max_size`; entries being read are held by a
+//! [`Lease`] (counted in the index's `readers`) and never evicted while held.
 
 mod body;
 mod links;
@@ -88,8 +88,9 @@ struct Index {
     /// Entry sizes, least recently used first out.
     lru: LruCache<Key, u64>,
     total_bytes: u64,
-    /// Entries being read right now, with how many readers each.
-    pins: HashMap<Key, usize>,
+    /// Entries being read right now, with how many leases each: the eviction guard. (Not a "pin"
+    /// in the operator's sense of keeping an image forever; that is a catalogue matter.)
+    readers: HashMap<Key, usize>,
 }
 
 /// How a store is run (from the `storage:` config section).
@@ -155,10 +156,10 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut index = self.store.lock_index();
-        if let Some(count) = index.pins.get_mut(&self.key) {
+        if let Some(count) = index.readers.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                index.pins.remove(&self.key);
+                index.readers.remove(&self.key);
             }
         }
     }
@@ -228,7 +229,7 @@ impl Store {
             index: Mutex::new(Index {
                 lru,
                 total_bytes,
-                pins: HashMap::new(),
+                readers: HashMap::new(),
             }),
             hot_manifests: moka::sync::Cache::builder()
                 .max_capacity(HOT_MANIFEST_BYTES)
@@ -266,11 +267,11 @@ impl Store {
         self.root.join("tmp")
     }
 
-    /// Marks an entry used and pins it, if the index has it.
+    /// Marks an entry used and counts one more reader of it, if the index has it.
     fn lease(self: &Arc<Self>, key: &Key) -> Option<(Lease, u64)> {
         let mut index = self.lock_index();
         let size = *index.lru.get(key)?;
-        *index.pins.entry(key.clone()).or_insert(0) += 1;
+        *index.readers.entry(key.clone()).or_insert(0) += 1;
         Some((
             Lease {
                 store: Arc::clone(self),
@@ -426,19 +427,19 @@ impl Store {
         self.publish_size();
     }
 
-    /// Deletes least recently used, unpinned entries until the store fits `max_size`.
+    /// Deletes least recently used entries nobody is reading until the store fits `max_size`.
     fn evict_to_fit(&self) {
         let Some(max) = self.max_size else { return };
         let mut victims = Vec::new();
         {
             let mut index = self.lock_index();
-            let mut pinned = Vec::new();
+            let mut being_read = Vec::new();
             while index.total_bytes > max {
                 let Some((key, size)) = index.lru.pop_lru() else {
                     break;
                 };
-                if index.pins.contains_key(&key) {
-                    pinned.push((key, size));
+                if index.readers.contains_key(&key) {
+                    being_read.push((key, size));
                     continue;
                 }
                 index.total_bytes -= size;
@@ -446,8 +447,8 @@ impl Store {
                 self.small_blob_maps.invalidate(&key.digest);
                 victims.push(key);
             }
-            // Pinned entries go back as least recently used: first out once their readers finish.
-            for (key, size) in pinned.into_iter().rev() {
+            // Entries being read go back as least recently used: first out once their readers finish.
+            for (key, size) in being_read.into_iter().rev() {
                 index.lru.put(key.clone(), size);
                 index.lru.demote(&key);
             }
