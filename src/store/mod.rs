@@ -3,6 +3,7 @@
 //! Layout under `storage.path` (version 1):
 //!
 //! ```text
+//! layout                        "gantry store layout 1\n": which layout this is (see [`LAYOUT_FILE`])
 //! blobs/sha256/ab/abcdef…       blob bytes, exactly as the upstream sent them
 //! manifests/sha256/ab/abcdef…   "<media type>\n" followed by the manifest bytes
 //! links/sha256/ab/abcdef…       the repositories known to reference it, one per line
@@ -54,6 +55,59 @@ pub enum StoreError {
     },
     #[error("a blocking store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(
+        "storage.path {}: the store has layout {found:?} in {LAYOUT_FILE}, this gantry knows only \
+         layout {LAYOUT_VERSION}; refusing to touch it (a newer gantry wrote it, or use another storage.path)",
+        root.display()
+    )]
+    UnknownLayout { root: PathBuf, found: String },
+}
+
+/// The file at the top of the store that names its layout. A store without it was written before
+/// the file existed, in layout 1, and is adopted; a store naming a layout this build does not
+/// know is refused before anything in it is touched (emptying `tmp/`, evicting, or writing links
+/// in the wrong shape would damage what a newer gantry wrote).
+pub const LAYOUT_FILE: &str = "layout";
+/// The layout this build reads and writes: the directory tree described at the top of this module.
+pub const LAYOUT_VERSION: u32 = 1;
+/// What [`LAYOUT_FILE`] holds before the version number.
+const LAYOUT_PREFIX: &str = "gantry store layout ";
+
+/// Refuses a store whose layout file names a layout other than [`LAYOUT_VERSION`]; `Ok(true)` when
+/// the file is missing (a fresh store or one written before the file existed).
+fn check_layout(root: &Path) -> Result<bool, StoreError> {
+    let path = root.join(LAYOUT_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(source) => return Err(StoreError::Io { path, source }),
+    };
+    let text = String::from_utf8_lossy(&text);
+    let found = text.trim_end_matches('\n');
+    let version = found.strip_prefix(LAYOUT_PREFIX).unwrap_or(found);
+    if version == LAYOUT_VERSION.to_string() {
+        return Ok(false);
+    }
+    Err(StoreError::UnknownLayout {
+        root: root.to_owned(),
+        found: version.chars().take(64).collect(),
+    })
+}
+
+/// Writes [`LAYOUT_FILE`] through `tmp/` and a rename, so a crash never leaves a torn one (which
+/// the next start would refuse).
+fn write_layout(root: &Path, tmp: &Path) -> Result<(), StoreError> {
+    let staged = tmp.join(LAYOUT_FILE);
+    let written = (|| {
+        let mut file = File::create(&staged)?;
+        io::Write::write_all(
+            &mut file,
+            format!("{LAYOUT_PREFIX}{LAYOUT_VERSION}\n").as_bytes(),
+        )?;
+        file.sync_all()?;
+        std::fs::rename(&staged, root.join(LAYOUT_FILE))
+    })();
+    written.map_err(io_error(root))
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -174,14 +228,15 @@ pub struct GcReport {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`: empties `tmp/`, indexes what is on disk by
-    /// last use, and evicts down to `max_size`.
+    /// Opens (creating if needed) the store at `root`: refuses a layout it does not know, empties
+    /// `tmp/`, indexes what is on disk by last use, and evicts down to `max_size`.
     pub fn open(
         root: &Path,
         options: StoreOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
         let max_size = options.max_size;
+        let layout_missing = check_layout(root)?;
         for dir in ["blobs", "manifests"] {
             std::fs::create_dir_all(root.join(dir)).map_err(io_error(root))?;
         }
@@ -190,6 +245,9 @@ impl Store {
             std::fs::remove_dir_all(&tmp).map_err(io_error(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
+        if layout_missing {
+            write_layout(root, &tmp)?;
+        }
 
         let mut found = Vec::new();
         for kind in [Kind::Blob, Kind::Manifest] {

@@ -442,3 +442,74 @@ async fn with_mapping_off_blobs_are_read() {
     assert_eq!(&body.collect().await.unwrap().to_bytes()[..], &content[..]);
     assert!(!store.small_blob_maps.contains_key(&digest));
 }
+
+#[tokio::test]
+async fn a_fresh_store_gets_its_layout_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = open(dir.path(), None);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).unwrap(),
+        "gantry store layout 1\n"
+    );
+    assert!(
+        tmp_is_empty(dir.path()),
+        "the staged layout file was renamed"
+    );
+}
+
+#[tokio::test]
+async fn a_store_without_a_layout_file_is_adopted_as_layout_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let digest = {
+        let store = open(dir.path(), None);
+        put_blob(&store, b"written before the layout file").await
+    };
+    std::fs::remove_file(dir.path().join(LAYOUT_FILE)).unwrap();
+    let store = open(dir.path(), None);
+    assert_eq!(
+        read_all(&store, &digest).await,
+        b"written before the layout file"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).unwrap(),
+        "gantry store layout 1\n"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_layout_is_refused_and_nothing_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let digest = {
+        let store = open(dir.path(), None);
+        put_blob(&store, b"kept as it is").await
+    };
+    std::fs::write(dir.path().join(LAYOUT_FILE), "gantry store layout 2\n").unwrap();
+    let leftover = dir.path().join("tmp/a-newer-gantry's-download");
+    std::fs::write(&leftover, b"partial").unwrap();
+    let refused = Store::open(
+        dir.path(),
+        StoreOptions::default(),
+        Arc::new(Metrics::new()),
+    );
+    let message = match refused {
+        Err(error @ StoreError::UnknownLayout { .. }) => error.to_string(),
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("a store of layout 2 was opened"),
+    };
+    assert!(
+        message.contains("storage.path")
+            && message.contains(&dir.path().display().to_string())
+            && message.contains("\"2\""),
+        "{message}"
+    );
+    assert!(leftover.exists(), "tmp/ is left as it was");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).unwrap(),
+        "gantry store layout 2\n"
+    );
+    let hex = digest.hex();
+    assert!(dir
+        .path()
+        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]))
+        .is_file());
+}
