@@ -124,6 +124,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// What an operator calls it: `blob` or `manifest`.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Blob => "blob",
+            Kind::Manifest => "manifest",
+        }
+    }
+
     fn dir(self) -> &'static str {
         match self {
             Kind::Blob => "blobs",
@@ -219,12 +227,14 @@ impl Drop for Lease {
     }
 }
 
-/// What `gantry gc` did.
+/// What `gantry gc --verify` found.
 #[derive(Debug, Default)]
 pub struct GcReport {
+    /// Entries whose content matched their digest, and their bytes.
     pub entries: u64,
     pub bytes: u64,
-    pub corrupt_removed: u64,
+    /// Entries that did not match (or could not be read) and were removed.
+    pub removed: Vec<(Kind, Digest)>,
 }
 
 impl Store {
@@ -570,7 +580,7 @@ impl Store {
                 tracing::warn!(path = %path.display(), "removing an entry that does not match its digest");
                 let _ = std::fs::remove_file(&path);
                 self.forget(&key);
-                report.corrupt_removed += 1;
+                report.removed.push((key.kind, key.digest));
             }
         }
         Ok(report)
