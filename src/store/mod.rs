@@ -7,6 +7,7 @@
 //! blobs/sha256/ab/abcdef…       blob bytes, exactly as the upstream sent them
 //! manifests/sha256/ab/abcdef…   "<media type>\n" followed by the manifest bytes
 //! links/sha256/ab/abcdef…       the repositories known to reference it, one per line
+//! catalogue/journal.jsonl       tags → manifests → references, for operators (see [`catalogue`])
 //! tmp/                          downloads in progress; emptied at start-up
 //! ```
 //!
@@ -16,6 +17,7 @@
 //! [`Lease`] (counted in the index's `readers`) and never evicted while held.
 
 mod body;
+pub mod catalogue;
 mod links;
 mod mapped;
 mod writer;
@@ -31,6 +33,7 @@ use bytes::Bytes;
 use lru::LruCache;
 
 pub use body::{read_exact_at, BlobBody, FileChunks, READ_CHUNK};
+pub use catalogue::{Catalogue, ManifestRecord, TagRecord, CATALOGUE_DIR};
 pub use writer::BlobWriter;
 
 use crate::metrics::Metrics;
@@ -329,6 +332,11 @@ impl Store {
             .join(digest.algorithm().as_str())
             .join(&hex[..2])
             .join(hex)
+    }
+
+    /// Where this store's [`Catalogue`] lives.
+    pub fn catalogue_dir(&self) -> PathBuf {
+        self.root.join(CATALOGUE_DIR)
     }
 
     fn tmp_dir(&self) -> PathBuf {
