@@ -59,8 +59,8 @@ pub enum StoreError {
     #[error("a blocking store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error(
-        "storage.path {}: the store has layout {found:?} in {LAYOUT_FILE}, this gantry knows only \
-         layout {LAYOUT_VERSION}; refusing to touch it (a newer gantry wrote it, or use another storage.path)",
+        "storage.path {}: its {LAYOUT_FILE} file names store layout {found:?}, and this gantry knows \
+         only layout {LAYOUT_VERSION}: refusing to touch the store (was it written by a newer gantry?)",
         root.display()
     )]
     UnknownLayout { root: PathBuf, found: String },
