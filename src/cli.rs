@@ -126,6 +126,11 @@ pub fn check_config(path: &Path) -> ExitCode {
     }
 }
 
+/// `gc --verify` removed entries that did not match their digests: the store is consistent again
+/// (they are fetched afresh on the next request), but the disk under it damaged data, which a
+/// cron job or a CI check should hear about. Distinct from 1, "gc could not run".
+pub const EXIT_CORRUPT_REMOVED: u8 = 2;
+
 pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
     let config = match load(config_path) {
         Ok(config) => config,
@@ -138,24 +143,44 @@ pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
         Arc::new(Metrics::new()),
     )
     .and_then(|store| {
-        if verify {
-            store.verify_all()?;
-        }
-        Ok(store.usage())
+        let report = if verify {
+            Some(store.verify_all()?)
+        } else {
+            None
+        };
+        Ok((store.usage(), report))
     });
-    match result {
-        Ok((bytes, entries)) => {
-            println!(
-                "{}: {entries} entries, {bytes} bytes; tmp/ cleared{}",
-                config.storage.path.display(),
-                if verify { ", every entry verified" } else { "" }
-            );
-            ExitCode::SUCCESS
-        }
+    let ((bytes, entries), report) = match result {
+        Ok(done) => done,
         Err(error) => {
             eprintln!("gantry: gc failed: {error}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    let path = config.storage.path.display();
+    let Some(report) = report else {
+        println!("{path}: {entries} entries, {bytes} bytes; tmp/ cleared");
+        return ExitCode::SUCCESS;
+    };
+    let checked = report.entries + report.removed.len() as u64;
+    println!(
+        "{path}: verified {checked} entries: {} matched their digests, {} did not and were removed",
+        report.entries,
+        report.removed.len()
+    );
+    for (kind, digest) in &report.removed {
+        println!("removed corrupt {} {digest}", kind.noun());
+    }
+    println!("{path}: {entries} entries, {bytes} bytes; tmp/ cleared, every entry verified");
+    if report.removed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "gantry: gc removed {} corrupt entries (they are fetched again on the next request); \
+             check the disk under {path}",
+            report.removed.len()
+        );
+        ExitCode::from(EXIT_CORRUPT_REMOVED)
     }
 }
 

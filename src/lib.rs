@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod api;
+pub mod app;
 pub mod cli;
 pub mod config;
 #[doc(hidden)]
@@ -20,5 +21,6 @@ pub mod server;
 pub mod single_flight;
 pub mod store;
 pub mod tags;
+pub mod tls;
 pub mod upstream;
 pub mod warm;

@@ -45,6 +45,8 @@ enum Command {
         images: Vec<String>,
     },
     /// Offline store maintenance: clear tmp/, evict to storage.max_size, optionally re-verify.
+    ///
+    /// Exits 0 when done, 1 when gc could not run, and 2 when --verify removed corrupt entries.
     Gc {
         #[arg(long, short)]
         config: Option<PathBuf>,

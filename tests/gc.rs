@@ -1,6 +1,7 @@
 //! `gantry gc --verify` run as the real command on a store that gantry filled, with one blob
 //! damaged on disk: the damaged entry is removed, the good ones are kept byte for byte, the
-//! report counts what is left, and gantry fetches the removed blob again on the next request.
+//! report names what was checked and removed (and the exit code says so), and gantry fetches the
+//! removed blob again on the next request.
 
 mod common;
 
@@ -110,7 +111,24 @@ async fn gc_verify_removes_a_corrupt_blob_and_keeps_the_rest() {
 
     let verify = gantry_gc(&config, true).await;
     let output = text(&verify);
-    assert_eq!(verify.status.code(), Some(0), "{output}");
+    assert_eq!(
+        verify.status.code(),
+        Some(2),
+        "removing corrupt entries is reported in the exit code: {output}"
+    );
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        stdout.contains("verified 3 entries: 2 matched their digests, 1 did not and were removed"),
+        "{output}"
+    );
+    assert!(
+        stdout.contains(&format!("removed corrupt blob {}", damaged.0)),
+        "the report names the removed entry: {output}"
+    );
+    assert!(
+        String::from_utf8_lossy(&verify.stderr).contains("gc removed 1 corrupt entries"),
+        "{output}"
+    );
     let hex = manifest_digest.trim_start_matches("sha256:");
     let manifest_path = store.join("manifests/sha256").join(&hex[..2]).join(hex);
     let good_path = blob_path(&store, &good.0);
@@ -138,9 +156,15 @@ async fn gc_verify_removes_a_corrupt_blob_and_keeps_the_rest() {
 
     // A second pass finds nothing more to remove.
     let again = gantry_gc(&config, true).await;
-    assert!(again.status.success());
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
     assert!(
-        !text(&again).contains("removing an entry"),
+        !text(&again).contains("removing an entry") && !text(&again).contains("removed corrupt"),
+        "{}",
+        text(&again)
+    );
+    assert!(
+        String::from_utf8_lossy(&again.stdout)
+            .contains("verified 2 entries: 2 matched their digests, 0 did not"),
         "{}",
         text(&again)
     );

@@ -1,13 +1,13 @@
 //! Listeners and connections: HTTP/1.1 and h2c on one port, a connection limit, a header-read
 //! timeout, per-client request budgets, one log line per request, and graceful shutdown with a
-//! deadline. Also the admin listener (`/metrics`, `/healthz`, `/readyz`) and the open-file limit.
+//! deadline, for a built [`App`]. Also the admin listener (`/metrics`, `/healthz`, `/readyz`) and
+//! the open-file limit. Plain and TLS connections share one [`serve_connection`].
 
 mod admin;
 mod client_limit;
 mod request_log;
 mod rlimit;
 mod send_timeout;
-mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,45 +20,34 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::access::Access;
 use crate::api::{Api, Outcome, ResponseBody, Route};
+use crate::app::{App, BuildError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::store::{Store, StoreError};
-use crate::tags::{RedisTags, TagError, Tags};
-use crate::upstream::{Pool, Timeouts};
+use crate::tls::TlsState;
 use client_limit::ClientLimiter;
 use http_body_util::BodyExt;
 use request_log::{LoggedBody, RequestLog};
 use send_timeout::SendTimeout;
-use tls::TlsState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("storage.path: cannot open the store: {0}")]
-    Store(#[from] StoreError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("cache.redis: {0}")]
-    Redis(#[from] TagError),
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    Access(#[from] crate::access::AccessError),
-    #[error(transparent)]
-    Credentials(#[from] crate::upstream::CredentialError),
-    #[error("start-up task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 /// A started gantry: its bound addresses and the handle to stop it.
@@ -81,38 +70,25 @@ impl Running {
     }
 }
 
-/// Opens the store, binds the listeners and starts serving. Bad configuration has been rejected
-/// by now; what fails here is the environment (a busy port, an unwritable disk).
+/// Builds gantry from `config` ([`App::build`]) and serves it. Bad configuration has been
+/// rejected by now; what fails here is the environment (a busy port, an unwritable disk).
 pub async fn start(config: Config) -> Result<Running, StartError> {
     rlimit::raise(&config);
-    let metrics = Arc::new(Metrics::new());
-    let store = {
-        let path = config.storage.path.clone();
-        let options = config.storage.options();
-        let metrics = Arc::clone(&metrics);
-        tokio::task::spawn_blocking(move || Store::open(&path, options, metrics)).await??
-    };
-    let redis = match &config.cache.redis {
-        Some(url) => Some(RedisTags::new(url.expose())?),
-        None => None,
-    };
-    let tags = Tags::new(redis, Arc::clone(&metrics));
-    let pool = Pool::new(
-        Timeouts {
-            connect: config.timeouts.connect.0,
-            first_byte: config.timeouts.first_byte.0,
-            idle: config.timeouts.idle.0,
-        },
-        Arc::clone(&metrics),
-    );
-    let mirror = Arc::new(Mirror::new(
-        &config,
-        store,
-        tags,
-        pool,
-        Arc::clone(&metrics),
-    )?);
+    let app = App::build(&config).await?;
+    serve(app).await
+}
 
+/// Binds the listeners of a built [`App`] and starts serving it.
+pub async fn serve(app: App) -> Result<Running, StartError> {
+    let App {
+        config,
+        metrics,
+        mirror,
+        api,
+        access,
+        tls,
+        ..
+    } = app;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -136,11 +112,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         send: config.timeouts.send.0,
         grace: config.timeouts.shutdown.0,
     };
-    let access = match &config.auth {
-        Some(auth) => Some(Arc::new(Access::load(auth)?)),
-        None => None,
-    };
-    let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone());
     let api_metrics = Arc::clone(&metrics);
     let limiter = config
         .limits
@@ -154,11 +125,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             Ok::<_, Infallible>(logged(&api, &metrics, limiter.as_deref(), peer, request).await)
         }
     };
-    let tls = match &config.tls {
-        Some(files) => Some(Arc::new(TlsState::load(files)?)),
-        None => None,
-    };
-    let mut tasks = vec![tokio::spawn(serve(
+    let mut tasks = vec![tokio::spawn(accept_loop(
         listener,
         handler,
         limits,
@@ -178,7 +145,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             let admin = admin.clone();
             async move { Ok::<_, Infallible>(admin.handle(request).await) }
         };
-        tasks.push(tokio::spawn(serve(
+        tasks.push(tokio::spawn(accept_loop(
             admin_listener,
             handler,
             limits,
@@ -296,7 +263,7 @@ struct ConnectionLimits {
 
 /// The accept loop. Each connection task is watched by the graceful-shutdown tracker and holds a
 /// permit of the connection limit; accept errors are logged and the loop goes on.
-async fn serve<H, F>(
+async fn accept_loop<H, F>(
     listener: TcpListener,
     handler: H,
     limits: ConnectionLimits,
@@ -317,6 +284,7 @@ async fn serve<H, F>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size(64 << 10);
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -341,36 +309,22 @@ async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let stream = SendTimeout::new(stream, limits.send);
-        let handler = handler.clone();
-        let service = service_fn(move |request| handler(peer, request));
-        let Some(tls) = &tls else {
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                }
-                drop(permit);
-            });
-            continue;
-        };
-        // The handshake runs in the connection's task, bounded like reading headers.
-        let acceptor = tls.acceptor();
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (builder, handler, watcher) =
+            (Arc::clone(&builder), handler.clone(), graceful.watcher());
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            match tokio::time::timeout(limits.header_read, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => {
-                    let connection = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(error) = watcher.watch(connection).await {
-                        tracing::debug!(%peer, %error, "connection ended with an error");
+            match acceptor {
+                None => serve_connection(&builder, stream, handler, peer, watcher).await,
+                // The handshake runs in the connection's task, bounded like reading headers.
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_read, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(&builder, stream, handler, peer, watcher).await
+                        }
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
-                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
             drop(permit);
         });
@@ -382,5 +336,27 @@ async fn serve<H, F>(
         _ = tokio::time::sleep(limits.grace) => {
             tracing::warn!(open, grace = ?limits.grace, "shutdown deadline reached; closing remaining connections");
         }
+    }
+}
+
+/// Serves HTTP/1.1 or h2 on one accepted connection, plain or TLS, until it closes or the
+/// graceful shutdown ends it.
+async fn serve_connection<S, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    stream: S,
+    handler: H,
+    peer: SocketAddr,
+    watcher: Watcher,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+{
+    let service = service_fn(move |request| handler(peer, request));
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }

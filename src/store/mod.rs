@@ -3,18 +3,21 @@
 //! Layout under `storage.path` (version 1):
 //!
 //! ```text
+//! layout                        "gantry store layout 1\n": which layout this is (see [`LAYOUT_FILE`])
 //! blobs/sha256/ab/abcdef…       blob bytes, exactly as the upstream sent them
 //! manifests/sha256/ab/abcdef…   "<media type>\n" followed by the manifest bytes
 //! links/sha256/ab/abcdef…       the repositories known to reference it, one per line
+//! catalogue/journal.jsonl       tags → manifests → references, for operators (see [`catalogue`])
 //! tmp/                          downloads in progress; emptied at start-up
 //! ```
 //!
 //! Nothing enters `blobs/` or `manifests/` unless its bytes hash to its name: writers stream into
 //! `tmp/`, hash as they go, fsync, and rename only on a match. An in-memory LRU index (rebuilt from
-//! disk at start-up) keeps the store under `storage.max_size`; entries being read are pinned and
-//! never evicted.
+//! disk at start-up) keeps the store under `storage.max_size`; entries being read are held by a
+//! [`Lease`] (counted in the index's `readers`) and never evicted while held.
 
 mod body;
+pub mod catalogue;
 mod links;
 mod mapped;
 mod writer;
@@ -30,6 +33,7 @@ use bytes::Bytes;
 use lru::LruCache;
 
 pub use body::{read_exact_at, BlobBody, FileChunks, READ_CHUNK};
+pub use catalogue::{Catalogue, ManifestRecord, TagRecord, CATALOGUE_DIR};
 pub use writer::BlobWriter;
 
 use crate::metrics::Metrics;
@@ -54,6 +58,59 @@ pub enum StoreError {
     },
     #[error("a blocking store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(
+        "storage.path {}: its {LAYOUT_FILE} file names store layout {found:?}, and this gantry knows \
+         only layout {LAYOUT_VERSION}: refusing to touch the store (was it written by a newer gantry?)",
+        root.display()
+    )]
+    UnknownLayout { root: PathBuf, found: String },
+}
+
+/// The file at the top of the store that names its layout. A store without it was written before
+/// the file existed, in layout 1, and is adopted; a store naming a layout this build does not
+/// know is refused before anything in it is touched (emptying `tmp/`, evicting, or writing links
+/// in the wrong shape would damage what a newer gantry wrote).
+pub const LAYOUT_FILE: &str = "layout";
+/// The layout this build reads and writes: the directory tree described at the top of this module.
+pub const LAYOUT_VERSION: u32 = 1;
+/// What [`LAYOUT_FILE`] holds before the version number.
+const LAYOUT_PREFIX: &str = "gantry store layout ";
+
+/// Refuses a store whose layout file names a layout other than [`LAYOUT_VERSION`]; `Ok(true)` when
+/// the file is missing (a fresh store or one written before the file existed).
+fn check_layout(root: &Path) -> Result<bool, StoreError> {
+    let path = root.join(LAYOUT_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(source) => return Err(StoreError::Io { path, source }),
+    };
+    let text = String::from_utf8_lossy(&text);
+    let found = text.trim_end_matches('\n');
+    let version = found.strip_prefix(LAYOUT_PREFIX).unwrap_or(found);
+    if version == LAYOUT_VERSION.to_string() {
+        return Ok(false);
+    }
+    Err(StoreError::UnknownLayout {
+        root: root.to_owned(),
+        found: version.chars().take(64).collect(),
+    })
+}
+
+/// Writes [`LAYOUT_FILE`] through `tmp/` and a rename, so a crash never leaves a torn one (which
+/// the next start would refuse).
+fn write_layout(root: &Path, tmp: &Path) -> Result<(), StoreError> {
+    let staged = tmp.join(LAYOUT_FILE);
+    let written = (|| {
+        let mut file = File::create(&staged)?;
+        io::Write::write_all(
+            &mut file,
+            format!("{LAYOUT_PREFIX}{LAYOUT_VERSION}\n").as_bytes(),
+        )?;
+        file.sync_all()?;
+        std::fs::rename(&staged, root.join(LAYOUT_FILE))
+    })();
+    written.map_err(io_error(root))
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -70,6 +127,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// What an operator calls it: `blob` or `manifest`.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Blob => "blob",
+            Kind::Manifest => "manifest",
+        }
+    }
+
     fn dir(self) -> &'static str {
         match self {
             Kind::Blob => "blobs",
@@ -88,8 +153,9 @@ struct Index {
     /// Entry sizes, least recently used first out.
     lru: LruCache<Key, u64>,
     total_bytes: u64,
-    /// Entries being read right now, with how many readers each.
-    pins: HashMap<Key, usize>,
+    /// Entries being read right now, with how many leases each: the eviction guard. (Not a "pin"
+    /// in the operator's sense of keeping an image forever; that is a catalogue matter.)
+    readers: HashMap<Key, usize>,
 }
 
 /// How a store is run (from the `storage:` config section).
@@ -155,32 +221,35 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut index = self.store.lock_index();
-        if let Some(count) = index.pins.get_mut(&self.key) {
+        if let Some(count) = index.readers.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                index.pins.remove(&self.key);
+                index.readers.remove(&self.key);
             }
         }
     }
 }
 
-/// What `gantry gc` did.
+/// What `gantry gc --verify` found.
 #[derive(Debug, Default)]
 pub struct GcReport {
+    /// Entries whose content matched their digest, and their bytes.
     pub entries: u64,
     pub bytes: u64,
-    pub corrupt_removed: u64,
+    /// Entries that did not match (or could not be read) and were removed.
+    pub removed: Vec<(Kind, Digest)>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`: empties `tmp/`, indexes what is on disk by
-    /// last use, and evicts down to `max_size`.
+    /// Opens (creating if needed) the store at `root`: refuses a layout it does not know, empties
+    /// `tmp/`, indexes what is on disk by last use, and evicts down to `max_size`.
     pub fn open(
         root: &Path,
         options: StoreOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
         let max_size = options.max_size;
+        let layout_missing = check_layout(root)?;
         for dir in ["blobs", "manifests"] {
             std::fs::create_dir_all(root.join(dir)).map_err(io_error(root))?;
         }
@@ -189,6 +258,9 @@ impl Store {
             std::fs::remove_dir_all(&tmp).map_err(io_error(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
+        if layout_missing {
+            write_layout(root, &tmp)?;
+        }
 
         let mut found = Vec::new();
         for kind in [Kind::Blob, Kind::Manifest] {
@@ -228,7 +300,7 @@ impl Store {
             index: Mutex::new(Index {
                 lru,
                 total_bytes,
-                pins: HashMap::new(),
+                readers: HashMap::new(),
             }),
             hot_manifests: moka::sync::Cache::builder()
                 .max_capacity(HOT_MANIFEST_BYTES)
@@ -262,15 +334,20 @@ impl Store {
             .join(hex)
     }
 
+    /// Where this store's [`Catalogue`] lives.
+    pub fn catalogue_dir(&self) -> PathBuf {
+        self.root.join(CATALOGUE_DIR)
+    }
+
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
-    /// Marks an entry used and pins it, if the index has it.
+    /// Marks an entry used and counts one more reader of it, if the index has it.
     fn lease(self: &Arc<Self>, key: &Key) -> Option<(Lease, u64)> {
         let mut index = self.lock_index();
         let size = *index.lru.get(key)?;
-        *index.pins.entry(key.clone()).or_insert(0) += 1;
+        *index.readers.entry(key.clone()).or_insert(0) += 1;
         Some((
             Lease {
                 store: Arc::clone(self),
@@ -426,19 +503,19 @@ impl Store {
         self.publish_size();
     }
 
-    /// Deletes least recently used, unpinned entries until the store fits `max_size`.
+    /// Deletes least recently used entries nobody is reading until the store fits `max_size`.
     fn evict_to_fit(&self) {
         let Some(max) = self.max_size else { return };
         let mut victims = Vec::new();
         {
             let mut index = self.lock_index();
-            let mut pinned = Vec::new();
+            let mut being_read = Vec::new();
             while index.total_bytes > max {
                 let Some((key, size)) = index.lru.pop_lru() else {
                     break;
                 };
-                if index.pins.contains_key(&key) {
-                    pinned.push((key, size));
+                if index.readers.contains_key(&key) {
+                    being_read.push((key, size));
                     continue;
                 }
                 index.total_bytes -= size;
@@ -446,8 +523,8 @@ impl Store {
                 self.small_blob_maps.invalidate(&key.digest);
                 victims.push(key);
             }
-            // Pinned entries go back as least recently used: first out once their readers finish.
-            for (key, size) in pinned.into_iter().rev() {
+            // Entries being read go back as least recently used: first out once their readers finish.
+            for (key, size) in being_read.into_iter().rev() {
                 index.lru.put(key.clone(), size);
                 index.lru.demote(&key);
             }
@@ -511,7 +588,7 @@ impl Store {
                 tracing::warn!(path = %path.display(), "removing an entry that does not match its digest");
                 let _ = std::fs::remove_file(&path);
                 self.forget(&key);
-                report.corrupt_removed += 1;
+                report.removed.push((key.kind, key.digest));
             }
         }
         Ok(report)

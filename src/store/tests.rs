@@ -273,7 +273,8 @@ async fn verify_all_removes_corrupt_entries() {
     let bad = put_blob(&store, b"will be damaged").await;
     std::fs::write(store.path(Kind::Blob, &bad), b"damaged on disk").unwrap();
     let report = store.verify_all().unwrap();
-    assert_eq!((report.entries, report.corrupt_removed), (1, 1));
+    assert_eq!(report.entries, 1);
+    assert_eq!(report.removed, vec![(Kind::Blob, bad.clone())]);
     assert!(store.contains_blob(&good));
     assert!(!store.contains_blob(&bad));
 }
@@ -441,4 +442,75 @@ async fn with_mapping_off_blobs_are_read() {
     );
     assert_eq!(&body.collect().await.unwrap().to_bytes()[..], &content[..]);
     assert!(!store.small_blob_maps.contains_key(&digest));
+}
+
+#[tokio::test]
+async fn a_fresh_store_gets_its_layout_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = open(dir.path(), None);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).unwrap(),
+        "gantry store layout 1\n"
+    );
+    assert!(
+        tmp_is_empty(dir.path()),
+        "the staged layout file was renamed"
+    );
+}
+
+#[tokio::test]
+async fn a_store_without_a_layout_file_is_adopted_as_layout_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let digest = {
+        let store = open(dir.path(), None);
+        put_blob(&store, b"written before the layout file").await
+    };
+    std::fs::remove_file(dir.path().join(LAYOUT_FILE)).unwrap();
+    let store = open(dir.path(), None);
+    assert_eq!(
+        read_all(&store, &digest).await,
+        b"written before the layout file"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).unwrap(),
+        "gantry store layout 1\n"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_layout_is_refused_and_nothing_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let digest = {
+        let store = open(dir.path(), None);
+        put_blob(&store, b"kept as it is").await
+    };
+    std::fs::write(dir.path().join(LAYOUT_FILE), "gantry store layout 2\n").unwrap();
+    let leftover = dir.path().join("tmp/a-newer-gantry's-download");
+    std::fs::write(&leftover, b"partial").unwrap();
+    let refused = Store::open(
+        dir.path(),
+        StoreOptions::default(),
+        Arc::new(Metrics::new()),
+    );
+    let message = match refused {
+        Err(error @ StoreError::UnknownLayout { .. }) => error.to_string(),
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("a store of layout 2 was opened"),
+    };
+    assert!(
+        message.contains("storage.path")
+            && message.contains(&dir.path().display().to_string())
+            && message.contains("\"2\""),
+        "{message}"
+    );
+    assert!(leftover.exists(), "tmp/ is left as it was");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).unwrap(),
+        "gantry store layout 2\n"
+    );
+    let hex = digest.hex();
+    assert!(dir
+        .path()
+        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]))
+        .is_file());
 }

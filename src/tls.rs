@@ -1,6 +1,7 @@
 //! HTTPS on the client listener: PEM certificate and key loaded into a rustls config with ALPN
 //! (h2, http/1.1), swapped in place on SIGHUP so a renewed certificate needs no restart and no
-//! dropped connection (connections keep the config they started with).
+//! dropped connection (connections keep the config they started with). Loaded by [`crate::app`]
+//! with the other parts, used by [`crate::server`] on each accepted connection.
 
 use std::sync::{Arc, RwLock};
 

@@ -1,0 +1,101 @@
+//! The composition root: everything gantry is made of, built once from a validated [`Config`]
+//! and handed to [`crate::server`] to serve. Building is kept apart from serving so the parts
+//! can be built without binding a port (by the control plane's commands, by tests), and so the
+//! next parts (a coordinator, the object tier, the catalogue) have one place to be wired.
+//!
+//! What fails here is the environment (an unwritable store, a bad certificate, an unreadable
+//! htpasswd file); bad configuration was refused when the config was loaded.
+
+use std::sync::Arc;
+
+use crate::access::{Access, AccessError};
+use crate::api::Api;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+use crate::store::{Store, StoreError};
+use crate::tags::{RedisTags, TagError, Tags};
+use crate::tls::{TlsError, TlsState};
+use crate::upstream::{CredentialError, Pool, Timeouts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("storage.path: cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cache.redis: {0}")]
+    Redis(#[from] TagError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    #[error("start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The built parts of one gantry. The tag cache lives in the mirror ([`Mirror::tags`]).
+pub struct App {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<Store>,
+    pub mirror: Arc<Mirror>,
+    pub api: Api,
+    /// Users and their repository grants (`auth:`), reloaded on SIGHUP.
+    pub access: Option<Arc<Access>>,
+    /// The client listener's certificate (`tls:`), reloaded on SIGHUP.
+    pub tls: Option<Arc<TlsState>>,
+}
+
+impl App {
+    /// Opens the store (on a blocking thread: it scans the disk), connects the tag cache to
+    /// Redis when configured, and builds the upstream pool, the mirror, access control, the API
+    /// and the TLS configuration.
+    pub async fn build(config: &Config) -> Result<Self, BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let store = {
+            let path = config.storage.path.clone();
+            let options = config.storage.options();
+            let metrics = Arc::clone(&metrics);
+            tokio::task::spawn_blocking(move || Store::open(&path, options, metrics)).await??
+        };
+        let redis = match &config.cache.redis {
+            Some(url) => Some(RedisTags::new(url.expose())?),
+            None => None,
+        };
+        let tags = Tags::new(redis, Arc::clone(&metrics));
+        let pool = Pool::new(
+            Timeouts {
+                connect: config.timeouts.connect.0,
+                first_byte: config.timeouts.first_byte.0,
+                idle: config.timeouts.idle.0,
+            },
+            Arc::clone(&metrics),
+        );
+        let mirror = Arc::new(Mirror::new(
+            config,
+            Arc::clone(&store),
+            tags,
+            pool,
+            Arc::clone(&metrics),
+        )?);
+        let access = match &config.auth {
+            Some(auth) => Some(Arc::new(Access::load(auth)?)),
+            None => None,
+        };
+        let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone());
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(TlsState::load(files)?)),
+            None => None,
+        };
+        Ok(Self {
+            config: config.clone(),
+            metrics,
+            store,
+            mirror,
+            api,
+            access,
+            tls,
+        })
+    }
+}
