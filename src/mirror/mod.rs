@@ -5,8 +5,12 @@
 //! are mutable: inside the registry's `tags_cache_ttl` they are answered from the tag cache; after
 //! it they are revalidated with a `HEAD`, and when the upstream fails the stale answer is served.
 
+mod body;
+mod coordinator;
 mod download;
 mod error;
+mod fill;
+mod origin;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,9 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use tokio::sync::mpsc;
 
-pub use download::{Flight, Follower};
+pub use body::{Download, SourceBody};
 pub use error::MirrorError;
 
 use crate::config::{BaseUrl, Config, UpstreamAccess};
@@ -81,14 +84,31 @@ pub struct Manifest {
 pub enum BlobSource {
     /// Verified and on disk.
     Cached(BlobFile),
-    /// Being downloaded; `first` is set for the request that started the download.
-    Downloading {
-        flight: Arc<Flight>,
-        size: Option<u64>,
-        first: Option<mpsc::Receiver<Bytes>>,
-    },
+    /// Being downloaded.
+    Downloading(Download),
     /// A HEAD answered by the upstream without downloading.
     Upstream { size: Option<u64> },
+}
+
+impl BlobSource {
+    /// The blob's size, if known (a download's origin may not announce it).
+    pub fn size(&self) -> Option<u64> {
+        match self {
+            Self::Cached(blob) => Some(blob.size),
+            Self::Downloading(download) => download.size(),
+            Self::Upstream { size } => *size,
+        }
+    }
+
+    /// The response body for `range` (`None`: the whole blob): the store's file, or the download
+    /// followed as it grows. A HEAD answered upstream has none.
+    pub fn body(self, range: Option<std::ops::Range<u64>>) -> SourceBody {
+        match self {
+            Self::Cached(blob) => SourceBody::stored(blob, range),
+            Self::Downloading(download) => download.body(range),
+            Self::Upstream { .. } => SourceBody::Empty,
+        }
+    }
 }
 
 /// An upstream answer passed through as it is (tag lists, referrers).
@@ -106,7 +126,8 @@ pub struct Mirror {
     /// Every registry by each host name clients may use for it.
     by_host: HashMap<String, Arc<Registry>>,
     any_registry: Option<AnyRegistry>,
-    flights: Mutex<HashMap<Digest, Arc<Flight>>>,
+    /// Blob downloads in progress, one per digest.
+    coordinator: coordinator::LocalCoordinator,
     /// Tag fetches and revalidations in progress, by tag key.
     tag_refreshes: SingleFlight<String, Result<Manifest, MirrorError>>,
     /// Tag lists and referrers, with when they were fetched; fresh for the registry's tag TTL.
@@ -208,7 +229,7 @@ impl Mirror {
                 tags_ttl: config.mirroring.tags_cache_ttl.0,
                 seen: Mutex::new(HashMap::new()),
             }),
-            flights: Mutex::new(HashMap::new()),
+            coordinator: coordinator::LocalCoordinator::default(),
             tag_refreshes: SingleFlight::counting_joins({
                 let joins = metrics.tag_refresh_joins.clone();
                 move || joins.inc()
@@ -725,22 +746,12 @@ impl Mirror {
         self.metrics.cache_lookup("blob", "miss");
         let upstream = &target.registry.upstream;
         if head {
-            let running = self
-                .flights
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(digest)
-                .cloned();
-            if let Some(flight) = running {
+            if let Some(flight) = self.coordinator.running(digest) {
                 if !flight.asked_under(&repository_key(target)) {
                     self.ensure_known(target, digest).await?;
                 }
                 let size = flight.started().await?;
-                return Ok(BlobSource::Downloading {
-                    flight,
-                    size,
-                    first: None,
-                });
+                return Ok(BlobSource::Downloading(Download::new(flight, size, None)));
             }
             let request = UpstreamRequest::new(
                 Method::HEAD,
@@ -772,11 +783,7 @@ impl Mirror {
             // The upstream answered this repository's GET: it references the blob.
             self.link_if_new(target, digest).await;
         }
-        Ok(BlobSource::Downloading {
-            flight,
-            size,
-            first,
-        })
+        Ok(BlobSource::Downloading(Download::new(flight, size, first)))
     }
 
     /// Tag lists and referrers: passed through with the client's query, cached for the
