@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use super::coordinator::{Claim, Owner};
 use super::error::MirrorError;
 use super::fill::{fill, store_error};
+use super::hook::Committed;
 use super::origin::{BlobOrigin, UpstreamOrigin};
 use super::Mirror;
 use crate::metrics::FailureReason;
@@ -166,7 +167,12 @@ impl Mirror {
         claim.release();
         self.metrics.downloads_in_flight.dec();
         match outcome {
-            Ok(_) => progress.send_modify(|p| p.phase = Phase::Committed),
+            Ok(size) => {
+                if let Some(hook) = &self.commit_hook {
+                    hook.notify(Committed { digest, size });
+                }
+                progress.send_modify(|p| p.phase = Phase::Committed);
+            }
             Err(error) => {
                 tracing::warn!(%digest, registry = origin.registry(), %error, "blob download failed; nothing was cached");
                 self.metrics

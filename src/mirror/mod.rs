@@ -10,6 +10,7 @@ mod coordinator;
 mod download;
 mod error;
 mod fill;
+mod hook;
 mod origin;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 pub use body::{Download, SourceBody};
 pub use error::MirrorError;
+pub use hook::{CommitHook, Committed};
 
 use crate::config::{BaseUrl, Config, UpstreamAccess};
 use crate::metrics::Metrics;
@@ -141,6 +143,8 @@ pub struct Mirror {
     queued_downloads: Arc<std::sync::atomic::AtomicUsize>,
     max_queued_downloads: usize,
     download_queue_wait: Duration,
+    /// Told of every committed download (see `hook`); `None` costs the commit nothing.
+    commit_hook: Option<CommitHook>,
 }
 
 impl Registry {
@@ -246,6 +250,7 @@ impl Mirror {
             queued_downloads: Arc::default(),
             max_queued_downloads: config.limits.max_queued_downloads,
             download_queue_wait: config.timeouts.download_queue.0,
+            commit_hook: None,
         })
     }
 
