@@ -158,3 +158,113 @@ impl FirstClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::mirror::download::Flight;
+    use crate::oci::{Algorithm, Digest};
+    use crate::store::{Store, StoreOptions};
+
+    const PARTS: [&[u8]; 3] = [b"abc", b"def", b"ghi"];
+
+    fn store(dir: &std::path::Path) -> Arc<Store> {
+        let options = StoreOptions {
+            max_size: None,
+            map_files: false,
+        };
+        Store::open(dir, options, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn chunks(parts: Vec<Result<Bytes, MirrorError>>) -> Chunks {
+        Box::pin(futures_util::stream::iter(parts))
+    }
+
+    fn parts() -> Vec<Result<Bytes, MirrorError>> {
+        PARTS.iter().map(|p| Ok(Bytes::from_static(p))).collect()
+    }
+
+    /// Fills `digest` from `parts` with a first client; returns the result and what it received.
+    async fn run(
+        store: &Arc<Store>,
+        digest: &Digest,
+        size: Option<u64>,
+        parts: Vec<Result<Bytes, MirrorError>>,
+    ) -> (Result<u64, MirrorError>, Vec<Bytes>, Progress) {
+        let writer = store.begin_blob(digest, size).unwrap();
+        let (flight, progress) = Flight::new("registry/repo".into());
+        let (first, mut received) = mpsc::channel(16);
+        let result = fill(writer, chunks(parts), &progress, Some(first), "registry").await;
+        let mut got = Vec::new();
+        while let Some(chunk) = received.recv().await {
+            got.push(chunk);
+        }
+        let state = flight.progress().borrow().clone();
+        (result, got, state)
+    }
+
+    #[tokio::test]
+    async fn a_good_blob_reaches_the_first_client_and_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let digest = Digest::of(Algorithm::Sha256, b"abcdefghi");
+        let (result, got, state) = run(&store, &digest, Some(9), parts()).await;
+        assert_eq!(result.unwrap(), 9);
+        assert_eq!(got, PARTS.to_vec());
+        assert_eq!(state.verified, Some(9));
+        assert!(store.open_blob(&digest).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_last_chunk_waits_for_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let digest = Digest::of(Algorithm::Sha256, b"not the content");
+        let (result, got, state) = run(&store, &digest, None, parts()).await;
+        assert!(
+            matches!(&result, Err(MirrorError::BadContent { registry, .. }) if registry == "registry"),
+            "{result:?}"
+        );
+        // The client never sees the end of a blob that fails verification.
+        assert_eq!(got, PARTS[..2].to_vec());
+        assert_eq!(state.verified, None);
+        assert!(store.open_blob(&digest).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn more_than_announced_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let digest = Digest::of(Algorithm::Sha256, b"abcdefghi");
+        let (result, got, _) = run(&store, &digest, Some(4), parts()).await;
+        match result {
+            Err(MirrorError::BadContent { reason, .. }) => {
+                assert!(
+                    reason.contains("more than the announced 4 bytes"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // "abc" was still held back when "def" went past the announced size.
+        assert!(got.is_empty(), "{got:?}");
+        assert!(store.open_blob(&digest).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_origin_error_keeps_its_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let digest = Digest::of(Algorithm::Sha256, b"abcdefghi");
+        let mut parts = parts();
+        parts[1] = Err(MirrorError::Internal("the origin broke"));
+        let (result, _, state) = run(&store, &digest, Some(9), parts).await;
+        assert!(
+            matches!(result, Err(MirrorError::Internal("the origin broke"))),
+            "{result:?}"
+        );
+        assert_eq!(state.verified, None);
+        assert!(store.open_blob(&digest).await.is_none());
+    }
+}
