@@ -16,16 +16,15 @@ use http::header::{
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{BodyExt, Empty, Full};
 
 pub use range::{resolve as resolve_range, RangeAnswer};
 pub use route::Route;
 
 use crate::access::{Access, Decision, Identity};
 use crate::metrics::Metrics;
-use crate::mirror::{BlobSource, Follower, Manifest, Mirror, MirrorError, Target};
+use crate::mirror::{BlobSource, Manifest, Mirror, MirrorError, Target};
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
-use crate::store::BlobBody;
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, io::Error>;
 
@@ -309,27 +308,13 @@ fn manifest_response<B>(
     response
 }
 
-fn follower_body(follower: Follower) -> ResponseBody {
-    let stream = futures_util::stream::unfold(follower, |mut follower| async move {
-        match follower.next_chunk().await {
-            Ok(Some(chunk)) => Some((Ok(http_body::Frame::data(chunk)), follower)),
-            Ok(None) => None,
-            Err(error) => Some((Err(error), follower)),
-        }
-    });
-    StreamBody::new(stream).boxed_unsync()
-}
-
 fn blob_response(
     source: BlobSource,
     digest: &Digest,
     range: Option<&str>,
     head: bool,
 ) -> Response<ResponseBody> {
-    let size = match &source {
-        BlobSource::Cached(blob) => Some(blob.size),
-        BlobSource::Downloading { size, .. } | BlobSource::Upstream { size } => *size,
-    };
+    let size = source.size();
     let answer = match size {
         Some(size) => range::resolve(range, size),
         None => RangeAnswer::Full,
@@ -343,7 +328,7 @@ fn blob_response(
     if size.is_some() {
         headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     }
-    let (start, end) = match (answer, size) {
+    let range = match (answer, size) {
         (RangeAnswer::Unsatisfiable, Some(size)) => {
             return error_with_headers(
                 OciError::new(
@@ -358,34 +343,18 @@ fn blob_response(
             if let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
                 response.headers_mut().insert(CONTENT_RANGE, value);
             }
-            (start, Some(end))
+            Some(start..end)
         }
-        _ => (0, size),
+        _ => None,
     };
-    if let Some(end) = end {
-        response
-            .headers_mut()
-            .insert(CONTENT_LENGTH, (end - start).into());
+    let length = range.as_ref().map(|range| range.end - range.start).or(size);
+    if let Some(length) = length {
+        response.headers_mut().insert(CONTENT_LENGTH, length.into());
     }
     if head {
         return response;
     }
-    *response.body_mut() = match source {
-        BlobSource::Cached(blob) => {
-            let end = end.unwrap_or(blob.size);
-            BlobBody::new(blob, start, end).boxed_unsync()
-        }
-        BlobSource::Downloading { flight, first, .. } => {
-            // Only a request for the whole blob can take the upstream chunks as they come.
-            let first = if start == 0 && end == size {
-                first
-            } else {
-                None
-            };
-            follower_body(flight.body(start, end, first))
-        }
-        BlobSource::Upstream { .. } => empty(),
-    };
+    *response.body_mut() = source.body(range).boxed_unsync();
     response
 }
 

@@ -1,38 +1,38 @@
-//! Single-flight blob downloads: one upstream fetch per digest, however many clients ask.
+//! Single-flight blob downloads: one fetch per digest, however many clients ask.
 //!
-//! A download belongs to the mirror, not to the request that started it: it runs in its own task,
-//! bounded by `timeouts.download`, and finishes even if every client leaves. The first client gets
-//! the upstream's `Bytes` through a bounded channel (no copy); everyone else, and the first client
-//! too if it falls behind, follows the growing temp file. The last bytes are released only after
-//! the digest is verified, so a corrupt or truncated download never looks complete to anyone.
+//! A download belongs to the mirror, not to the request that started it: the request claims the
+//! digest ([`coordinator`](super::coordinator)), and the owner runs the download in its own task,
+//! bounded by `timeouts.download`, which finishes even if every client leaves. The download picks
+//! an [origin](super::origin), opens it and [fills](super::fill) the store from it. The first
+//! client gets the origin's `Bytes` through a bounded channel (no copy); everyone else, and the
+//! first client too if it falls behind, follows the growing temp file
+//! ([`Download`](super::body::Download)). The last bytes are released only after the digest is
+//! verified, so a corrupt or truncated download never looks complete to anyone.
 
 use std::fs::File;
-use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
 use tokio::sync::{mpsc, watch};
 
+use super::coordinator::{Claim, Owner};
 use super::error::MirrorError;
-use super::{upstream_failure, Mirror};
+use super::fill::{fill, store_error};
+use super::hook::Committed;
+use super::origin::{BlobOrigin, UpstreamOrigin};
+use super::Mirror;
 use crate::metrics::FailureReason;
 use crate::oci::{Digest, RepoName};
-use crate::store::{read_exact_at, StoreError, READ_CHUNK};
-use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Chunks buffered for the first client before it is switched to following the file. Each chunk
 /// can pin a whole upstream read buffer: 64 of them took peak RSS through the 8-client cold pull to
 /// 59-63 MiB, 16 to 36-43 MiB, at the same wall time (a client that falls behind reads the file).
 const FIRST_CLIENT_CHANNEL: usize = 16;
-/// Upstream chunks are written to disk in batches of about this size.
-const WRITE_BATCH: usize = 256 << 10;
-/// Batches read ahead of the disk writer, at most (bounds memory per download to ~1 MiB).
-const WRITE_QUEUE: usize = 4;
 
 #[derive(Clone, Debug)]
 pub enum Phase {
-    /// Waiting for the upstream's response headers.
+    /// Waiting for the origin's answer.
     Connecting,
     /// Streaming into the temp file; `written` bytes are on disk.
     Streaming {
@@ -46,13 +46,13 @@ pub enum Phase {
 #[derive(Clone, Debug)]
 pub struct Progress {
     pub phase: Phase,
-    /// From the upstream's `Content-Length`, once known.
+    /// As the origin announced it (the upstream's `Content-Length`), once known.
     pub size: Option<u64>,
     /// The blob's size once every byte is on disk and matches the digest. Set before the commit
     /// and never cleared, so a body that looks after the commit failed still finds it: the
     /// verified bytes stay readable through its file handle.
-    verified: Option<u64>,
-    file: Option<Arc<File>>,
+    pub(super) verified: Option<u64>,
+    pub(super) file: Option<Arc<File>>,
 }
 
 /// A download in progress, shared by every request for its digest.
@@ -64,11 +64,30 @@ pub struct Flight {
 }
 
 impl Flight {
+    /// A flight about to connect, and the sender its download publishes progress on.
+    pub(super) fn new(repository: String) -> (Arc<Self>, watch::Sender<Progress>) {
+        let (progress, receiver) = watch::channel(Progress {
+            phase: Phase::Connecting,
+            size: None,
+            verified: None,
+            file: None,
+        });
+        let flight = Self {
+            progress: receiver,
+            repository,
+        };
+        (Arc::new(flight), progress)
+    }
+
     pub fn asked_under(&self, repository: &str) -> bool {
         self.repository == repository
     }
 
-    /// Waits for the upstream's answer: the blob's size (if the upstream sent one) or the error.
+    pub(super) fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// Waits for the origin's answer: the blob's size (if the origin sent one) or the error.
     pub async fn started(&self) -> Result<Option<u64>, MirrorError> {
         let mut progress = self.progress.clone();
         let state = progress
@@ -81,26 +100,9 @@ impl Flight {
             _ => Ok(state.size),
         }
     }
-
-    /// A body for `[offset, end)` (`end = None`: to the end) that follows the download.
-    /// `first` is the channel of the request that started it, if this is that request.
-    pub fn body(
-        &self,
-        offset: u64,
-        end: Option<u64>,
-        first: Option<mpsc::Receiver<Bytes>>,
-    ) -> Follower {
-        Follower {
-            channel: first,
-            progress: self.progress.clone(),
-            offset,
-            end,
-            finished: false,
-        }
-    }
 }
 
-fn lost() -> MirrorError {
+pub(super) fn lost() -> MirrorError {
     MirrorError::Internal("the download task ended without a result")
 }
 
@@ -113,69 +115,73 @@ impl Mirror {
         repo: &RepoName,
         digest: &Digest,
     ) -> (Arc<Flight>, Option<mpsc::Receiver<Bytes>>) {
-        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = flights.get(digest) {
-            self.metrics.download_joins.inc();
-            return (Arc::clone(flight), None);
-        }
-        let (progress_tx, progress_rx) = watch::channel(Progress {
-            phase: Phase::Connecting,
-            size: None,
-            verified: None,
-            file: None,
-        });
-        let (first_tx, first_rx) = mpsc::channel(FIRST_CLIENT_CHANNEL);
-        let flight = Arc::new(Flight {
-            progress: progress_rx,
-            repository: format!("{}/{repo}", upstream.name()),
-        });
-        flights.insert(digest.clone(), Arc::clone(&flight));
-        drop(flights);
-
-        let mirror = Arc::clone(self);
-        let upstream = Arc::clone(upstream);
-        let repo = repo.clone();
-        let digest = digest.clone();
-        self.metrics.downloads_in_flight.inc();
-        // Owned by the mirror through `flights`; ends when the download commits, fails or times out.
-        tokio::spawn(async move {
-            let limit = mirror.download_timeout;
-            let outcome = match mirror.download_slot().await {
-                Err(shed) => Err(shed),
-                Ok(_slot) => tokio::time::timeout(
-                    limit,
-                    mirror.download(&upstream, &repo, &digest, &progress_tx, Some(first_tx)),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(MirrorError::DownloadTimeout {
-                        registry: upstream.name().to_owned(),
-                        limit,
-                    })
-                }),
-            };
-            // Leave the map before publishing the outcome: a request arriving now finds the blob
-            // in the store (or starts afresh after a failure).
-            mirror
-                .flights
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&digest);
-            mirror.metrics.downloads_in_flight.dec();
-            match outcome {
-                Ok(_) => progress_tx.send_modify(|p| p.phase = Phase::Committed),
-                Err(error) => {
-                    tracing::warn!(%digest, registry = upstream.name(), %error, "blob download failed; nothing was cached");
-                    mirror
-                        .metrics
-                        .download_failures
-                        .with_label_values(&[failure_reason(&error).as_str()])
-                        .inc();
-                    progress_tx.send_modify(|p| p.phase = Phase::Failed(error));
-                }
+        let repository = || format!("{}/{repo}", upstream.name());
+        let owner = match self.coordinator.claim(digest, repository) {
+            Claim::Follow(flight) => {
+                self.metrics.download_joins.inc();
+                return (flight, None);
             }
-        });
+            Claim::Owner(owner) => owner,
+        };
+        let flight = Arc::clone(&owner.flight);
+        let (first_tx, first_rx) = mpsc::channel(FIRST_CLIENT_CHANNEL);
+        let received = self
+            .metrics
+            .upstream_bytes
+            .with_label_values(&[upstream.name()]);
+        let origin = UpstreamOrigin::new(Arc::clone(upstream), repo.clone(), received);
+        self.metrics.downloads_in_flight.inc();
+        // Owned by the mirror through the claim; ends when the download commits, fails or times out.
+        tokio::spawn(Arc::clone(self).run(owner, origin, digest.clone(), first_tx));
         (flight, Some(first_rx))
+    }
+
+    /// Runs one flight to its end: a download slot, the download under `timeouts.download`, then
+    /// the outcome published to everyone following.
+    async fn run<O: BlobOrigin>(
+        self: Arc<Self>,
+        owner: Owner,
+        origin: O,
+        digest: Digest,
+        first: mpsc::Sender<Bytes>,
+    ) {
+        let Owner {
+            progress, claim, ..
+        } = owner;
+        let limit = self.download_timeout;
+        let outcome = match self.download_slot().await {
+            Err(shed) => Err(shed),
+            Ok(_slot) => {
+                tokio::time::timeout(limit, self.download(&origin, &digest, &progress, first))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(MirrorError::DownloadTimeout {
+                            registry: origin.registry().to_owned(),
+                            limit,
+                        })
+                    })
+            }
+        };
+        // Release the claim before publishing the outcome: a request arriving now finds the blob
+        // in the store (or starts afresh after a failure).
+        claim.release();
+        self.metrics.downloads_in_flight.dec();
+        match outcome {
+            Ok(size) => {
+                if let Some(hook) = &self.commit_hook {
+                    hook.notify(Committed { digest, size });
+                }
+                progress.send_modify(|p| p.phase = Phase::Committed);
+            }
+            Err(error) => {
+                tracing::warn!(%digest, registry = origin.registry(), %error, "blob download failed; nothing was cached");
+                self.metrics
+                    .download_failures
+                    .with_label_values(&[failure_reason(&error).as_str()])
+                    .inc();
+                progress.send_modify(|p| p.phase = Phase::Failed(error));
+            }
+        }
     }
 
     /// One of `limits.max_downloads` slots. With every slot busy a download waits, but only
@@ -209,132 +215,27 @@ impl Mirror {
         waited
     }
 
-    /// Fetches, verifies and commits one blob. Returns its size.
+    /// Fetches, verifies and commits one blob from `origin`. Returns its size.
     async fn download(
         &self,
-        upstream: &Upstream,
-        repo: &RepoName,
+        origin: &impl BlobOrigin,
         digest: &Digest,
         progress: &watch::Sender<Progress>,
-        mut first: Option<mpsc::Sender<Bytes>>,
+        first: mpsc::Sender<Bytes>,
     ) -> Result<u64, MirrorError> {
-        let request = UpstreamRequest::new(
-            Method::GET,
-            repo.as_str(),
-            format!("/v2/{repo}/blobs/{digest}"),
-        );
-        let response = upstream
-            .send(&request)
-            .await
-            .map_err(|e| upstream_failure(upstream, e))?;
-        if response.status() != StatusCode::OK {
-            return Err(super::status_error(upstream, response).await);
-        }
-        let size = response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let store_error = |e: StoreError| MirrorError::Store(Arc::new(e));
-        let mut writer = self.store.begin_blob(digest, size).map_err(store_error)?;
-        let file = Arc::new(
-            writer
-                .reader()
-                .map_err(|e| MirrorError::Store(Arc::new(e)))?,
-        );
-        progress.send_modify(|p| {
-            p.phase = Phase::Streaming { written: 0 };
-            p.size = size;
-            p.file = Some(Arc::clone(&file));
-        });
-
-        let mut body = response.into_body();
-        let bad_content = |reason: String| MirrorError::BadContent {
-            registry: upstream.name().to_owned(),
-            digest: digest.to_string(),
-            reason,
-        };
-        // Reading the upstream and writing the disk overlap: full batches queue for the writer
-        // (at most WRITE_QUEUE of them) while the next one is read.
-        let (batches, mut queue) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
-        let reading = async move {
-            // The newest chunk is held back from the first client until the next one arrives,
-            // and the very last one until the digest is verified.
-            let mut held_back: Option<Bytes> = None;
-            let mut batch = Vec::new();
-            let mut batch_bytes = 0;
-            let mut received: u64 = 0;
-            let writer_gone = || MirrorError::Internal("the disk writer stopped");
-            loop {
-                let chunk = body
-                    .chunk()
-                    .await
-                    .map_err(|e| upstream_failure(upstream, e))?;
-                let Some(chunk) = chunk else { break };
-                received += chunk.len() as u64;
-                if size.is_some_and(|size| received > size) {
-                    return Err(bad_content(format!(
-                        "more than the announced {} bytes",
-                        size.unwrap_or(0)
-                    )));
-                }
-                self.metrics
-                    .upstream_bytes
-                    .with_label_values(&[upstream.name()])
-                    .inc_by(chunk.len() as u64);
-                if let Some(previous) = held_back.replace(chunk.clone()) {
-                    offer(&mut first, previous);
-                }
-                batch_bytes += chunk.len();
-                batch.push(chunk);
-                if batch_bytes >= WRITE_BATCH {
-                    batches
-                        .send(std::mem::take(&mut batch))
-                        .await
-                        .map_err(|_| writer_gone())?;
-                    batch_bytes = 0;
-                }
-            }
-            if !batch.is_empty() {
-                batches.send(batch).await.map_err(|_| writer_gone())?;
-            }
-            Ok((held_back, first))
-        };
-        let writing = async move {
-            while let Some(batch) = queue.recv().await {
-                writer.write_all(batch).await?;
-                let written = writer.written();
-                progress.send_modify(|p| p.phase = Phase::Streaming { written });
-            }
-            Ok::<_, StoreError>(writer)
-        };
-        let (read, written) = tokio::join!(reading, writing);
-        let (held_back, mut first) = read?;
-        let mut writer = written.map_err(store_error)?;
-        let total = writer.written();
-        writer.verify().map_err(|e| match e {
-            StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => {
-                bad_content(e.to_string())
-            }
-            other => store_error(other),
-        })?;
-        // The content is verified: clients get their last bytes now, not after the fsync.
-        progress.send_modify(|p| p.verified = Some(total));
-        if let Some(last) = held_back {
-            offer(&mut first, last);
-        }
-        drop(first);
-        writer.commit().await.map_err(store_error)?;
-        Ok(total)
-    }
-}
-
-/// Hands a chunk to the first client; if it is gone or behind, it follows the file from here on.
-fn offer(first: &mut Option<mpsc::Sender<Bytes>>, chunk: Bytes) {
-    if let Some(sender) = first {
-        if sender.try_send(chunk).is_err() {
-            *first = None;
-        }
+        let opened = origin.open(digest).await?;
+        let writer = self
+            .store
+            .begin_blob(digest, opened.size)
+            .map_err(store_error)?;
+        fill(
+            writer,
+            opened.chunks,
+            progress,
+            Some(first),
+            origin.registry(),
+        )
+        .await
     }
 }
 
@@ -351,87 +252,6 @@ fn failure_reason(error: &MirrorError) -> FailureReason {
         MirrorError::Overloaded { .. } => FailureReason::Shed,
         MirrorError::UpstreamStatus { .. } | MirrorError::Request(_) => {
             FailureReason::UpstreamStatus
-        }
-    }
-}
-
-/// A response body that follows a download: from the first-client channel while it lasts, then
-/// from the temp file as it grows. It ends only after the download is verified, and fails if the
-/// download fails.
-pub struct Follower {
-    channel: Option<mpsc::Receiver<Bytes>>,
-    progress: watch::Receiver<Progress>,
-    offset: u64,
-    end: Option<u64>,
-    finished: bool,
-}
-
-impl Follower {
-    /// The next chunk, `Ok(None)` at the verified end.
-    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, io::Error> {
-        if self.finished {
-            return Ok(None);
-        }
-        let result = self.advance().await;
-        if !matches!(result, Ok(Some(_))) {
-            self.finished = true;
-        }
-        result
-    }
-
-    async fn advance(&mut self) -> Result<Option<Bytes>, io::Error> {
-        loop {
-            if self.end.is_some_and(|end| self.offset >= end) {
-                return Ok(None);
-            }
-            if let Some(channel) = &mut self.channel {
-                match channel.recv().await {
-                    Some(chunk) => {
-                        self.offset += chunk.len() as u64;
-                        return Ok(Some(chunk));
-                    }
-                    None => self.channel = None,
-                }
-                continue;
-            }
-            let state = self.progress.borrow_and_update().clone();
-            let end = self.end.unwrap_or(u64::MAX);
-            // Until the blob is verified, no body may end: the last byte of its range (of the
-            // whole blob, or of a Range request) is held back, so a bad download fails it.
-            let limit = match (state.verified, &state.phase) {
-                (Some(size), _) => end.min(size),
-                (None, Phase::Streaming { written }) => end.saturating_sub(1).min(*written),
-                (None, Phase::Failed(error)) => return Err(io::Error::other(error.to_string())),
-                (None, _) => 0,
-            };
-            if self.offset < limit {
-                let file = state
-                    .file
-                    .ok_or_else(|| io::Error::other("download has no file"))?;
-                let len = (limit - self.offset).min(READ_CHUNK as u64) as usize;
-                let offset = self.offset;
-                let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, offset, len))
-                    .await
-                    .map_err(io::Error::other)??;
-                self.offset += chunk.len() as u64;
-                return Ok(Some(chunk));
-            }
-            if let Some(size) = state.verified {
-                if self.offset >= size {
-                    return Ok(None);
-                }
-                return Err(io::Error::other("range beyond the end of the blob"));
-            }
-            if self.progress.changed().await.is_err() {
-                // The task published its final state before ending; a closed channel without one is a bug.
-                let last = self.progress.borrow().clone();
-                if last.verified.is_some()
-                    || matches!(last.phase, Phase::Committed | Phase::Failed(_))
-                {
-                    continue;
-                }
-                return Err(io::Error::other(lost().to_string()));
-            }
         }
     }
 }

@@ -10,25 +10,28 @@
 //! `scope` (which repository may be served cached content), `download` (one download per blob,
 //! shared by every request for it) and `send` (one exchange with an upstream, failures classified).
 
+mod body;
+mod coordinator;
 mod download;
 mod error;
+mod fill;
+mod hook;
 mod listing;
 mod manifests;
+mod origin;
 mod registries;
 mod scope;
 mod send;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Method, StatusCode};
-use tokio::sync::mpsc;
 
-pub use download::{Flight, Follower};
+pub use body::{Download, SourceBody};
 pub use error::MirrorError;
+pub use hook::{CommitHook, Committed};
 pub use listing::Passthrough;
 pub use manifests::Manifest;
 pub use registries::{Registry, Target};
@@ -48,21 +51,39 @@ use scope::repository_key;
 pub enum BlobSource {
     /// Verified and on disk.
     Cached(BlobFile),
-    /// Being downloaded; `first` is set for the request that started the download.
-    Downloading {
-        flight: Arc<Flight>,
-        size: Option<u64>,
-        first: Option<mpsc::Receiver<Bytes>>,
-    },
+    /// Being downloaded.
+    Downloading(Download),
     /// A HEAD answered by the upstream without downloading.
     Upstream { size: Option<u64> },
+}
+
+impl BlobSource {
+    /// The blob's size, if known (a download's origin may not announce it).
+    pub fn size(&self) -> Option<u64> {
+        match self {
+            Self::Cached(blob) => Some(blob.size),
+            Self::Downloading(download) => download.size(),
+            Self::Upstream { size } => *size,
+        }
+    }
+
+    /// The response body for `range` (`None`: the whole blob): the store's file, or the download
+    /// followed as it grows. A HEAD answered upstream has none.
+    pub fn body(self, range: Option<std::ops::Range<u64>>) -> SourceBody {
+        match self {
+            Self::Cached(blob) => SourceBody::stored(blob, range),
+            Self::Downloading(download) => download.body(range),
+            Self::Upstream { .. } => SourceBody::Empty,
+        }
+    }
 }
 
 pub struct Mirror {
     store: Arc<Store>,
     tags: Tags,
     registries: Registries,
-    flights: Mutex<HashMap<Digest, Arc<Flight>>>,
+    /// Blob downloads in progress, one per digest.
+    coordinator: coordinator::LocalCoordinator,
     /// Tag fetches and revalidations in progress, by tag key.
     tag_refreshes: SingleFlight<String, Result<Manifest, MirrorError>>,
     /// Tag lists and referrers, with when they were fetched; fresh for the registry's tag TTL.
@@ -76,6 +97,8 @@ pub struct Mirror {
     queued_downloads: Arc<std::sync::atomic::AtomicUsize>,
     max_queued_downloads: usize,
     download_queue_wait: Duration,
+    /// Told of every committed download (see `hook`); `None` costs the commit nothing.
+    commit_hook: Option<CommitHook>,
 }
 
 impl Mirror {
@@ -90,7 +113,7 @@ impl Mirror {
             store,
             tags,
             registries: Registries::new(config, &pool)?,
-            flights: Mutex::new(HashMap::new()),
+            coordinator: coordinator::LocalCoordinator::default(),
             tag_refreshes: SingleFlight::counting_joins({
                 let joins = metrics.tag_refresh_joins.clone();
                 move || joins.inc()
@@ -104,6 +127,7 @@ impl Mirror {
             queued_downloads: Arc::default(),
             max_queued_downloads: config.limits.max_queued_downloads,
             download_queue_wait: config.timeouts.download_queue.0,
+            commit_hook: None,
         })
     }
 
@@ -137,22 +161,12 @@ impl Mirror {
         self.metrics.cache_lookup("blob", "miss");
         let upstream = &target.registry.upstream;
         if head {
-            let running = self
-                .flights
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(digest)
-                .cloned();
-            if let Some(flight) = running {
+            if let Some(flight) = self.coordinator.running(digest) {
                 if !flight.asked_under(&repository_key(target)) {
                     self.ensure_known(target, digest).await?;
                 }
                 let size = flight.started().await?;
-                return Ok(BlobSource::Downloading {
-                    flight,
-                    size,
-                    first: None,
-                });
+                return Ok(BlobSource::Downloading(Download::new(flight, size, None)));
             }
             let request = UpstreamRequest::new(
                 Method::HEAD,
@@ -184,11 +198,7 @@ impl Mirror {
             // The upstream answered this repository's GET: it references the blob.
             self.link_if_new(target, digest).await;
         }
-        Ok(BlobSource::Downloading {
-            flight,
-            size,
-            first,
-        })
+        Ok(BlobSource::Downloading(Download::new(flight, size, first)))
     }
 }
 

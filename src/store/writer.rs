@@ -77,6 +77,16 @@ impl BlobWriter {
         File::open(&self.tmp_path).map_err(io_error(&self.tmp_path))
     }
 
+    /// The digest the content must hash to.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The size the content must have, if one was announced.
+    pub fn expected_size(&self) -> Option<u64> {
+        self.expected_size
+    }
+
     /// Content bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
