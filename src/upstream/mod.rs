@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{ACCEPT, AUTHORIZATION, LOCATION, RANGE, USER_AGENT, WWW_AUTHENTICATE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::header::{ACCEPT, AUTHORIZATION, LOCATION, USER_AGENT, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -83,7 +83,6 @@ pub struct UpstreamRequest {
     /// The token scope, e.g. `repository:library/alpine:pull`.
     pub scope: String,
     pub accept: Option<HeaderValue>,
-    pub range: Option<HeaderValue>,
 }
 
 impl UpstreamRequest {
@@ -93,7 +92,6 @@ impl UpstreamRequest {
             path,
             scope: format!("repository:{repository}:pull"),
             accept: None,
-            range: None,
         }
     }
 }
@@ -208,10 +206,6 @@ impl Upstream {
     /// The registry's name in logs, metrics and cache keys.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    pub fn idle_timeout(&self) -> Duration {
-        self.pool.timeouts.idle
     }
 
     /// Sends `request`, answering an authentication challenge and following redirects. When
@@ -406,9 +400,6 @@ impl Upstream {
                 .header(USER_AGENT, USER_AGENT_VALUE);
             if let Some(accept) = &request.accept {
                 builder = builder.header(ACCEPT, accept);
-            }
-            if let Some(range) = &request.range {
-                builder = builder.header(RANGE, range);
             }
             // Signed CDN URLs reject a second auth mechanism, and another host must never see our token.
             if let (Some(authorization), true) = (&authorization, same_origin) {
@@ -614,27 +605,6 @@ fn encode_query_value(value: &str) -> String {
         }
     }
     out
-}
-
-/// The headers worth passing from an upstream manifest or blob response to a client.
-pub fn content_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut kept = HeaderMap::new();
-    for name in [
-        http::header::CONTENT_TYPE,
-        http::header::CONTENT_LENGTH,
-        http::header::CONTENT_RANGE,
-        http::header::ACCEPT_RANGES,
-        http::header::ETAG,
-        http::header::RETRY_AFTER,
-    ] {
-        if let Some(value) = headers.get(&name) {
-            kept.insert(name, value.clone());
-        }
-    }
-    if let Some(value) = headers.get("docker-content-digest") {
-        kept.insert("docker-content-digest", value.clone());
-    }
-    kept
 }
 
 #[cfg(test)]
