@@ -562,3 +562,32 @@ async fn with_redis_hung_concurrent_lookups_end_within_the_command_timeout() {
     .await;
     assert!(hits_again, "lookups hit again once Redis answers");
 }
+
+/// Redis down when the cache is made: nothing connects up front, a lookup fails (a miss) within
+/// the command timeout, and once Redis runs the cache reaches it without being made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_is_picked_up_when_it_runs() {
+    use gantry::tags::{RedisTags, TagEntry, TagStore};
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    let port = common::free_port();
+    let tags = RedisTags::new(&format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let key = "gantry:tag:v1:test/late:v1:any";
+    let started = Instant::now();
+    assert!(tags.get(key).await.is_err(), "no Redis yet");
+    assert!(
+        started.elapsed() < gantry::redis::COMMAND_TIMEOUT + Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let redis = RedisServer::start_on(port).await;
+    let entry = TagEntry::new("sha256:late".into(), "application/json".into());
+    let reached = wait_until(Duration::from_secs(10), || async {
+        tags.put(key, &entry).await.is_ok()
+    })
+    .await;
+    assert!(reached, "the cache reaches Redis once it runs");
+    assert_eq!(redis.keys(key).await, vec![key.to_owned()]);
+    assert_eq!(tags.get(key).await.unwrap(), Some(entry));
+}

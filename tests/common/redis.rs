@@ -165,6 +165,17 @@ fn read_reply<'a>(
 }
 
 impl RedisServer {
+    /// Starts on a given (free) port, e.g. one a client was told about before Redis was up.
+    pub async fn start_on(port: u16) -> Self {
+        let mut server = Self {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.restart().await;
+        server
+    }
+
     /// SIGSTOP: Redis hangs. The kernel still accepts connections, nothing answers them.
     pub fn pause(&self) {
         self.signal("-STOP");
