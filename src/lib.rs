@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+pub mod redis;
 pub mod server;
 pub mod single_flight;
 pub mod store;

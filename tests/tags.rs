@@ -497,3 +497,97 @@ async fn accept_negotiation_matches_the_upstream() {
         }
     }
 }
+
+/// A hung Redis (SIGSTOP: connections are accepted, nothing is answered) costs a burst of
+/// concurrent lookups one command timeout each; after that, lookups fail at once instead of
+/// queueing behind a reconnect to the hung server (watched for longer than gantry used to wait
+/// between reconnects); once Redis answers again, lookups hit again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_hung_concurrent_lookups_end_within_the_command_timeout() {
+    use gantry::tags::{RedisTags, TagEntry, TagStore};
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    const LOOKUPS: usize = 20;
+    const WATCHED: Duration = Duration::from_millis(1500);
+    let timeout = gantry::redis::COMMAND_TIMEOUT;
+    let redis = RedisServer::start().await;
+    let tags = std::sync::Arc::new(RedisTags::new(&redis.url()).unwrap());
+    let key = "gantry:tag:v1:test/hung:v1:any";
+    let entry = TagEntry::new("sha256:feed".into(), "application/json".into());
+    tags.put(key, &entry).await.unwrap();
+    assert_eq!(tags.get(key).await.unwrap(), Some(entry.clone()));
+
+    // Each lookup's own duration, and whether it failed (a miss to the caller).
+    let burst = || {
+        futures_util::future::join_all((0..LOOKUPS).map(|_| {
+            let tags = std::sync::Arc::clone(&tags);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let found = tags.get(key).await;
+                (started.elapsed(), found.is_err())
+            })
+        }))
+    };
+    redis.pause();
+    for (took, failed) in burst().await.into_iter().map(Result::unwrap) {
+        assert!(failed, "a hung Redis answers nothing");
+        assert!(
+            took < timeout + Duration::from_secs(1),
+            "a lookup took {took:?} with Redis hung"
+        );
+    }
+    // Redis is known to be down now: nobody waits on it.
+    let watching = Instant::now();
+    let mut bursts = 0;
+    while watching.elapsed() < WATCHED {
+        for (took, failed) in burst().await.into_iter().map(Result::unwrap) {
+            assert!(failed);
+            assert!(
+                took < timeout / 2,
+                "a lookup took {took:?}, {:?} after Redis was found hung (queued behind a reconnect?)",
+                watching.elapsed()
+            );
+        }
+        bursts += 1;
+        // Pacing, not synchronization: a burst every few milliseconds is plenty of lookups.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(bursts > 10, "{bursts} bursts");
+
+    redis.resume();
+    let hits_again = wait_until(Duration::from_secs(10), || async {
+        tags.get(key).await.ok().flatten().as_ref() == Some(&entry)
+    })
+    .await;
+    assert!(hits_again, "lookups hit again once Redis answers");
+}
+
+/// Redis down when the cache is made: nothing connects up front, a lookup fails (a miss) within
+/// the command timeout, and once Redis runs the cache reaches it without being made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_is_picked_up_when_it_runs() {
+    use gantry::tags::{RedisTags, TagEntry, TagStore};
+    if !require_tools(&["redis-server"]) {
+        return;
+    }
+    let port = common::free_port();
+    let tags = RedisTags::new(&format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let key = "gantry:tag:v1:test/late:v1:any";
+    let started = Instant::now();
+    assert!(tags.get(key).await.is_err(), "no Redis yet");
+    assert!(
+        started.elapsed() < gantry::redis::COMMAND_TIMEOUT + Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let redis = RedisServer::start_on(port).await;
+    let entry = TagEntry::new("sha256:late".into(), "application/json".into());
+    let reached = wait_until(Duration::from_secs(10), || async {
+        tags.put(key, &entry).await.is_ok()
+    })
+    .await;
+    assert!(reached, "the cache reaches Redis once it runs");
+    assert_eq!(redis.keys(key).await, vec![key.to_owned()]);
+    assert_eq!(tags.get(key).await.unwrap(), Some(entry));
+}

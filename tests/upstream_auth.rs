@@ -276,3 +276,100 @@ fn base64_of(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(text)
 }
+
+/// A registry whose repositories each want the token `tok:repository:<repo>:pull` from `realm`.
+async fn registry_with_realm(realm: &str) -> Fake {
+    let realm = realm.to_owned();
+    Fake::start(move |seen| {
+        let path = seen.uri.split('?').next().unwrap_or_default();
+        let Some((repo, tag)) = path
+            .strip_prefix("/v2/")
+            .and_then(|rest| rest.split_once("/manifests/"))
+        else {
+            return Scripted::new(StatusCode::NOT_FOUND);
+        };
+        let scope = format!("repository:{repo}:pull");
+        if seen.authorization() != Some(format!("Bearer tok:{scope}")) {
+            return Scripted::json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"errors": [{"code": "UNAUTHORIZED"}]}),
+            )
+            .header(
+                "www-authenticate",
+                &format!(r#"Bearer realm="{realm}",service="fake-registry",scope="{scope}""#),
+            );
+        }
+        let body = manifest(tag);
+        Scripted::new(StatusCode::OK)
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .header("docker-content-digest", &digest_of(&body))
+            .body(body)
+    })
+    .await
+}
+
+/// Token fetches are single-flighted per scope, not per registry: while the realm holds the
+/// answer for one repository, another repository's token is fetched and its pull served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_token_fetch_does_not_hold_up_another_repository() {
+    let realm = common::realm::HoldingRealm::start("team/held").await;
+    let registry = registry_with_realm(&realm.url()).await;
+    let gantry = Gantry::start(&registry.url()).await;
+    let get_manifest = |repo: &str| {
+        let url = gantry.url(&format!("/v2/{repo}/manifests/v1"));
+        async move { http_get(&url, &[("accept", ACCEPT_ALL)]).await.unwrap() }
+    };
+    let held = tokio::spawn(get_manifest("team/held"));
+    let holding = common::wait_until(Duration::from_secs(10), || async { realm.held() == 1 }).await;
+    assert!(holding, "the realm holds team/held's token request");
+    let other = tokio::time::timeout(Duration::from_secs(10), get_manifest("team/app"))
+        .await
+        .expect("team/app is served while team/held's token is held");
+    assert_eq!(other.status, StatusCode::OK);
+    assert_eq!(realm.held(), 1, "team/held's token is still held");
+    realm.release();
+    assert_eq!(held.await.unwrap().status, StatusCode::OK);
+    assert_eq!(realm.asked("repository:team/held:pull"), 1);
+    assert_eq!(realm.asked("repository:team/app:pull"), 1);
+}
+
+/// Concurrent requests for one scope share one token request. On this single-threaded runtime
+/// `join_all` polls every request once before any I/O completes, so all of them are waiting for
+/// a token together.
+#[tokio::test]
+async fn concurrent_requests_for_one_scope_make_one_token_request() {
+    use gantry::upstream::{CredentialSource, Pool, Timeouts, Upstream, UpstreamRequest};
+    const REQUESTS: usize = 8;
+    let realm = common::realm::HoldingRealm::start("nothing is held").await;
+    let registry = registry_with_realm(&realm.url()).await;
+    let timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        first_byte: Duration::from_secs(10),
+        idle: Duration::from_secs(10),
+    };
+    let upstream = Upstream::new(
+        "fake".into(),
+        gantry::config::BaseUrl::parse(&registry.url()).unwrap(),
+        CredentialSource::None,
+        Vec::new(),
+        Pool::new(timeouts, Arc::new(gantry::metrics::Metrics::new())),
+    );
+    let request = |repo: &str| {
+        UpstreamRequest::new(http::Method::GET, repo, format!("/v2/{repo}/manifests/v1"))
+    };
+    // Another repository first, so the realm is known and the requests ask for their token
+    // before their first request to the registry.
+    let warm = upstream.send(&request("team/warm")).await.unwrap();
+    assert_eq!(warm.status(), StatusCode::OK);
+    let one = request("team/one");
+    let responses =
+        futures_util::future::join_all((0..REQUESTS).map(|_| upstream.send(&one))).await;
+    for response in responses {
+        assert_eq!(response.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        realm.asked("repository:team/one:pull"),
+        1,
+        "{REQUESTS} concurrent requests, one token request"
+    );
+}

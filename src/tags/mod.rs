@@ -68,12 +68,8 @@ pub trait TagStore: Send + Sync {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TagError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("redis is not connected")]
-    Disconnected,
+    #[error(transparent)]
+    Redis(#[from] crate::redis::Error),
     #[error("unreadable cache entry: {0}")]
     Decode(#[from] serde_json::Error),
 }

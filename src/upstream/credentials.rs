@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -14,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use super::auth::Credentials;
 use crate::config::{Secret, UpstreamAccess};
 use crate::oci::host::DOCKER_HUB_NAMES;
+use crate::single_flight::SingleFlight;
 
 /// A helper that does not answer in this time is treated as having no credentials.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -30,7 +32,9 @@ pub enum CredentialSource {
 pub struct Helper {
     program: PathBuf,
     server_url: String,
-    cached: tokio::sync::Mutex<Option<Credentials>>,
+    cached: Mutex<Option<Credentials>>,
+    /// One run of the program at a time: callers arriving while it runs share its answer.
+    asking: SingleFlight<(), Option<Credentials>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +156,7 @@ impl CredentialSource {
     pub async fn invalidate(&self) -> bool {
         match self {
             CredentialSource::Helper(helper) => {
-                *helper.cached.lock().await = None;
+                *helper.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 true
             }
             _ => false,
@@ -194,24 +198,40 @@ impl Helper {
         Self {
             program,
             server_url,
-            cached: tokio::sync::Mutex::new(None),
+            cached: Mutex::new(None),
+            asking: SingleFlight::new(),
         }
     }
 
     async fn get(&self) -> Option<Credentials> {
-        let mut cached = self.cached.lock().await;
-        if cached.is_none() {
+        if let Some(cached) = self.cached() {
+            return Some(cached);
+        }
+        let ask = || async {
             match tokio::time::timeout(HELPER_TIMEOUT, self.ask()).await {
-                Ok(Ok(credentials)) => *cached = Some(credentials),
+                Ok(Ok(credentials)) => {
+                    *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(credentials.clone());
+                    Some(credentials)
+                }
                 Ok(Err(reason)) => {
                     tracing::warn!(helper = %self.program.display(), %reason, "credential helper failed");
+                    None
                 }
                 Err(_) => {
-                    tracing::warn!(helper = %self.program.display(), "credential helper timed out")
+                    tracing::warn!(helper = %self.program.display(), "credential helper timed out");
+                    None
                 }
             }
-        }
-        cached.clone()
+        };
+        self.asking.run((), ask).await.value
+    }
+
+    fn cached(&self) -> Option<Credentials> {
+        self.cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// `<program> get` with the server URL on stdin; JSON `{"Username", "Secret"}` on stdout.
@@ -259,7 +279,67 @@ impl Helper {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    /// A helper that records each run in `runs` and answers once the file `go` exists.
+    fn blocking_helper(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join("docker-credential-blocking");
+        let script = format!(
+            "#!/bin/sh\nread -r url\necho \"$url\" >> '{dir}/runs'\nwhile [ ! -e '{dir}/go' ]; do sleep 0.01; done\nprintf '{{\"Username\":\"u\",\"Secret\":\"s\"}}'\n",
+            dir = dir.display()
+        );
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn runs(dir: &Path) -> usize {
+        std::fs::read_to_string(dir.join("runs"))
+            .map(|runs| runs.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// Callers arriving while the helper runs share its answer, and forgetting the credentials
+    /// (after a 401) does not wait for a run in progress.
+    #[tokio::test]
+    async fn callers_share_one_helper_run_and_invalidating_does_not_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = blocking_helper(dir.path());
+        let source = Arc::new(CredentialSource::Helper(Helper::new(
+            &program.display().to_string(),
+            "registry.example".into(),
+        )));
+        let first = tokio::spawn({
+            let source = Arc::clone(&source);
+            async move { source.get().await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while runs(dir.path()) == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(runs(dir.path()), 1, "the helper is running");
+        let invalidated = tokio::time::timeout(Duration::from_secs(5), source.invalidate()).await;
+        assert_eq!(
+            invalidated.ok(),
+            Some(true),
+            "invalidate waited for the helper"
+        );
+
+        let mut joiners: Vec<_> = (0..4).map(|_| Box::pin(source.get())).collect();
+        for joiner in &mut joiners {
+            assert!(futures_util::poll!(joiner.as_mut()).is_pending());
+        }
+        std::fs::write(dir.path().join("go"), "").unwrap();
+        let answers = futures_util::future::join_all(joiners).await;
+        let first = first.await.unwrap();
+        for answer in answers.iter().chain([&first]) {
+            assert_eq!(answer.as_ref().map(|c| c.username.as_str()), Some("u"));
+        }
+        assert_eq!(runs(dir.path()), 1, "one helper run for every caller");
+    }
 
     #[test]
     fn auth_entries_decode_both_forms() {

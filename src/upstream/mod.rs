@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{ACCEPT, AUTHORIZATION, LOCATION, RANGE, USER_AGENT, WWW_AUTHENTICATE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::header::{ACCEPT, AUTHORIZATION, LOCATION, USER_AGENT, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -28,6 +28,7 @@ pub use credentials::{CredentialError, CredentialSource};
 
 use crate::config::BaseUrl;
 use crate::metrics::Metrics;
+use crate::single_flight::SingleFlight;
 
 const MAX_REDIRECTS: usize = 5;
 /// Token responses are small JSON documents; anything bigger is not a token.
@@ -36,13 +37,14 @@ const USER_AGENT_VALUE: &str = concat!("gantry/", env!("CARGO_PKG_VERSION"));
 
 type HttpClient = Client<HttpsConnector<Connector>, Empty<Bytes>>;
 
-#[derive(Debug, thiserror::Error)]
+/// Cloneable (sources behind `Arc`), so callers that shared one token fetch each get its error.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot reach {registry}: {source}")]
     Connect {
         registry: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Arc<hyper_util::client::legacy::Error>,
     },
     #[error("{registry} sent no response within {after:?}")]
     Timeout { registry: String, after: Duration },
@@ -52,7 +54,7 @@ pub enum UpstreamError {
     Body {
         registry: String,
         #[source]
-        source: hyper::Error,
+        source: Arc<hyper::Error>,
     },
     #[error("{registry}: the body is larger than {limit} bytes")]
     TooLarge { registry: String, limit: usize },
@@ -83,7 +85,6 @@ pub struct UpstreamRequest {
     /// The token scope, e.g. `repository:library/alpine:pull`.
     pub scope: String,
     pub accept: Option<HeaderValue>,
-    pub range: Option<HeaderValue>,
 }
 
 impl UpstreamRequest {
@@ -93,7 +94,6 @@ impl UpstreamRequest {
             path,
             scope: format!("repository:{repository}:pull"),
             accept: None,
-            range: None,
         }
     }
 }
@@ -181,9 +181,14 @@ pub struct Upstream {
     /// The last Bearer challenge seen, so a token for a new scope is fetched before the first
     /// request instead of after a 401 round trip.
     challenge: Mutex<Option<Challenge>>,
-    /// One token fetch at a time: concurrent cold pulls share the token instead of each asking.
-    token_fetch: tokio::sync::Mutex<()>,
+    /// One token fetch per scope at a time: concurrent cold pulls of a repository share its token
+    /// instead of each asking, and pulls of other repositories do not wait for it.
+    token_fetches: SingleFlight<TokenKey, Result<HeaderValue, UpstreamError>>,
 }
+
+/// What a token is fetched for: the realm and service asked, the scope asked (the one the
+/// registry named) and the scope it is cached under.
+type TokenKey = (String, Option<String>, String, String);
 
 impl Upstream {
     pub fn new(
@@ -201,17 +206,13 @@ impl Upstream {
             pool,
             tokens: TokenCache::default(),
             challenge: Mutex::new(None),
-            token_fetch: tokio::sync::Mutex::new(()),
+            token_fetches: SingleFlight::new(),
         }
     }
 
     /// The registry's name in logs, metrics and cache keys.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    pub fn idle_timeout(&self) -> Duration {
-        self.pool.timeouts.idle
     }
 
     /// Sends `request`, answering an authentication challenge and following redirects. When
@@ -300,15 +301,25 @@ impl Upstream {
                         service: service.clone(),
                         scope: None,
                     });
-                let _one_at_a_time = self.token_fetch.lock().await;
                 if let Some(token) = self.tokens.get(scope) {
                     return Ok(Some(token));
                 }
                 // The token is cached under our scope, but asked for with the one the registry named.
                 let asked = wanted.as_deref().unwrap_or(scope);
-                let (value, lifetime) = self.fetch_token(realm, service.as_deref(), asked).await?;
-                self.tokens.insert(scope, value.clone(), lifetime);
-                Ok(Some(value))
+                let key = (
+                    realm.clone(),
+                    service.clone(),
+                    asked.to_owned(),
+                    scope.to_owned(),
+                );
+                let fetch = || async {
+                    let (value, lifetime) =
+                        self.fetch_token(realm, service.as_deref(), asked).await?;
+                    // Cached before the flight ends, so a caller arriving after it finds the token.
+                    self.tokens.insert(scope, value.clone(), lifetime);
+                    Ok(value)
+                };
+                self.token_fetches.run(key, fetch).await.value.map(Some)
             }
         }
     }
@@ -407,9 +418,6 @@ impl Upstream {
             if let Some(accept) = &request.accept {
                 builder = builder.header(ACCEPT, accept);
             }
-            if let Some(range) = &request.range {
-                builder = builder.header(RANGE, range);
-            }
             // Signed CDN URLs reject a second auth mechanism, and another host must never see our token.
             if let (Some(authorization), true) = (&authorization, same_origin) {
                 builder = builder.header(AUTHORIZATION, authorization);
@@ -469,7 +477,7 @@ impl Upstream {
                 }
                 None => Err(UpstreamError::Connect {
                     registry: self.name.clone(),
-                    source,
+                    source: Arc::new(source),
                 }),
             },
             Ok(Ok(response)) => Ok(response),
@@ -523,7 +531,7 @@ impl UpstreamBody {
                 Some(Err(source)) => {
                     return Err(UpstreamError::Body {
                         registry: self.registry.clone(),
-                        source,
+                        source: Arc::new(source),
                     })
                 }
                 Some(Ok(frame)) => {
@@ -614,27 +622,6 @@ fn encode_query_value(value: &str) -> String {
         }
     }
     out
-}
-
-/// The headers worth passing from an upstream manifest or blob response to a client.
-pub fn content_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut kept = HeaderMap::new();
-    for name in [
-        http::header::CONTENT_TYPE,
-        http::header::CONTENT_LENGTH,
-        http::header::CONTENT_RANGE,
-        http::header::ACCEPT_RANGES,
-        http::header::ETAG,
-        http::header::RETRY_AFTER,
-    ] {
-        if let Some(value) = headers.get(&name) {
-            kept.insert(name, value.clone());
-        }
-    }
-    if let Some(value) = headers.get("docker-content-digest") {
-        kept.insert("docker-content-digest", value.clone());
-    }
-    kept
 }
 
 #[cfg(test)]

@@ -163,3 +163,39 @@ fn read_reply<'a>(
         }
     })
 }
+
+impl RedisServer {
+    /// Starts on a given (free) port, e.g. one a client was told about before Redis was up.
+    pub async fn start_on(port: u16) -> Self {
+        let mut server = Self {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.restart().await;
+        server
+    }
+
+    /// SIGSTOP: Redis hangs. The kernel still accepts connections, nothing answers them.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("redis-server is running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+}
