@@ -157,7 +157,8 @@ async fn json_logs_have_one_line_per_request_and_no_secrets() {
     assert!(manifest_line["ms"].as_f64().is_some());
     let ms = manifest_line["ms"].to_string();
     assert!(
-        ms.split_once('.').is_none_or(|(_, decimals)| decimals.len() <= 3),
+        ms.split_once('.')
+            .is_none_or(|(_, decimals)| decimals.len() <= 3),
         "ms is written to the microsecond: {ms}"
     );
     assert_eq!(
