@@ -188,7 +188,8 @@ async fn no_more_than_max_downloads_upstream_downloads_at_once() {
 }
 
 /// `limits.max_manifest_size`: a manifest of exactly the limit is served; one byte more is
-/// refused at once, without waiting for the rest of a body that never ends.
+/// refused at once (400 MANIFEST_INVALID naming the key), without waiting for the rest of a body
+/// that never ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_over_max_manifest_size_is_refused_unread() {
     let upstream = Fake::start(|seen| {
@@ -214,9 +215,14 @@ async fn a_manifest_over_max_manifest_size_is_refused_unread() {
     };
     let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &upstream.url(), options).await;
     let accept = [("accept", MANIFEST_TYPE)];
+    // The content's own fault, not an outage: not a retryable 503, and never a stale answer.
     let over = prompt_get(&gantry, "/v2/team/over/manifests/v1", &accept).await;
-    assert_eq!(over.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(over.error_code().as_deref(), Some("UNAVAILABLE"));
+    assert_eq!(over.status, StatusCode::BAD_REQUEST);
+    assert_eq!(over.error_code().as_deref(), Some("MANIFEST_INVALID"));
+    assert!(
+        String::from_utf8_lossy(&over.body).contains("limits.max_manifest_size"),
+        "the message names the limit"
+    );
     let fits = prompt_get(&gantry, "/v2/team/fits/manifests/v1", &accept).await;
     assert_eq!(fits.status, StatusCode::OK);
     assert_eq!(fits.body.len(), MAX_MANIFEST);

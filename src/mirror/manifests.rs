@@ -9,12 +9,14 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Method, StatusCode};
 
+use super::scope::MAX_LINKS_PER_MANIFEST;
 use super::send::{repository_request, send_ok, upstream_failure};
 use super::{Mirror, MirrorError, Target};
-use crate::oci::{AcceptSet, Digest, Reference};
+use crate::oci::manifest::ManifestDoc;
+use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
 use crate::store::StoredManifest;
 use crate::tags::{TagEntry, Tags};
-use crate::upstream::UpstreamRequest;
+use crate::upstream::{UpstreamError, UpstreamRequest};
 
 /// A manifest ready to be served.
 #[derive(Clone, Debug)]
@@ -185,8 +187,26 @@ impl Mirror {
     async fn remember_tag(&self, target: &Target, tag: &str, key: &str, manifest: &Manifest) {
         let entry = TagEntry::new(manifest.digest.to_string(), manifest.media_type.clone());
         self.tags.put(key, &entry).await;
-        let any = Tags::any_key(target.registry.upstream.name(), target.repo.as_str(), tag);
+        let registry = target.registry.upstream.name();
+        let any = Tags::any_key(registry, target.repo.as_str(), tag);
         self.tags.put(&any, &entry).await;
+        self.store.catalogue().record_tag(
+            registry,
+            target.repo.as_str(),
+            tag,
+            &manifest.digest,
+            &manifest.media_type,
+        );
+    }
+
+    /// Records a manifest just stored, and what it references, in the store's catalogue.
+    fn catalogue_manifest(&self, digest: &Digest, media_type: &str, bytes: &[u8]) {
+        let references = ManifestDoc::parse(bytes)
+            .map(|doc| doc.references(MAX_LINKS_PER_MANIFEST))
+            .unwrap_or_default();
+        self.store
+            .catalogue()
+            .record_manifest(digest, media_type, bytes.len() as u64, &references);
     }
 
     /// During an outage, a client whose Accept set never asked for this tag can still be served
@@ -230,6 +250,7 @@ impl Mirror {
             tracing::warn!(%digest, %error, "ignoring a shared manifest that cannot be stored");
             return None;
         }
+        self.catalogue_manifest(&digest, &media_type, &bytes);
         Some(Manifest::from_stored(
             digest,
             StoredManifest { media_type, bytes },
@@ -263,7 +284,18 @@ impl Mirror {
             .into_body()
             .collect_limited(self.max_manifest_size)
             .await
-            .map_err(|e| upstream_failure(upstream, e))?;
+            .map_err(|e| match e {
+                // A property of the content, not an outage: never retried, never served stale.
+                UpstreamError::TooLarge { limit, .. } => MirrorError::Request(OciError::new(
+                    ErrorCode::ManifestInvalid,
+                    format!(
+                        "{} sent a manifest of more than {limit} bytes (limits.max_manifest_size): \
+                         gantry does not serve it",
+                        upstream.name()
+                    ),
+                )),
+                e => upstream_failure(upstream, e),
+            })?;
         let bad = |reason: String| MirrorError::BadContent {
             registry: upstream.name().to_owned(),
             digest: reference.to_owned(),
@@ -297,6 +329,7 @@ impl Mirror {
             .write_manifest(&digest, &media_type, bytes.clone())
             .await
             .map_err(|e| MirrorError::Store(Arc::new(e)))?;
+        self.catalogue_manifest(&digest, &media_type, &bytes);
         self.tags
             .share_manifest(&digest.to_string(), &media_type, &bytes)
             .await;

@@ -13,7 +13,7 @@ use crate::oci::{AcceptSet, Digest};
 
 /// References of one manifest linked to its repository, at most; content past them is checked
 /// with the upstream when asked for (a manifest of 8 MiB could otherwise list ~50,000).
-const MAX_LINKS_PER_MANIFEST: usize = 1_000;
+pub(super) const MAX_LINKS_PER_MANIFEST: usize = 1_000;
 
 impl Mirror {
     /// Whether the target's repository is known to reference `digest`: from the store's links,
@@ -78,7 +78,11 @@ impl Mirror {
         }
         let mut digests = vec![manifest.digest.clone()];
         match ManifestDoc::parse(&manifest.bytes) {
-            Ok(doc) => digests.extend(doc.references(MAX_LINKS_PER_MANIFEST)),
+            Ok(doc) => digests.extend(
+                doc.references(MAX_LINKS_PER_MANIFEST)
+                    .into_iter()
+                    .map(|(digest, _)| digest),
+            ),
             Err(error) => {
                 tracing::debug!(digest = %manifest.digest, %error, "a manifest whose references cannot be read")
             }

@@ -84,14 +84,18 @@ impl ManifestDoc {
     }
 
     /// Every digest the document references directly (child manifests of an index; config,
-    /// layers and blobs of a manifest), well-formed ones only, at most `limit`.
-    pub fn references(&self, limit: usize) -> Vec<Digest> {
+    /// layers and blobs of a manifest) with its size, well-formed ones only, at most `limit`.
+    pub fn references(&self, limit: usize) -> Vec<(Digest, u64)> {
         self.manifests
             .iter()
             .chain(self.config.iter())
             .chain(self.layers.iter())
             .chain(self.blobs.iter())
-            .filter_map(|descriptor| Digest::parse(&descriptor.digest).ok())
+            .filter_map(|descriptor| {
+                Digest::parse(&descriptor.digest)
+                    .ok()
+                    .map(|digest| (digest, descriptor.size))
+            })
             .take(limit)
             .collect()
     }
@@ -109,8 +113,12 @@ mod tests {
             r#"{{"schemaVersion":2,"config":{{"digest":"{a}","size":2}},"layers":[{{"digest":"{b}","size":3}},{{"digest":"not-a-digest"}}],"annotations":{{"x":"y"}}}}"#
         );
         let doc = ManifestDoc::parse(manifest.as_bytes()).unwrap();
-        let found: Vec<String> = doc.references(10).iter().map(|d| d.to_string()).collect();
-        assert_eq!(found, [a.clone(), b.clone()]);
+        let found: Vec<(String, u64)> = doc
+            .references(10)
+            .iter()
+            .map(|(d, size)| (d.to_string(), *size))
+            .collect();
+        assert_eq!(found, [(a.clone(), 2), (b.clone(), 3)]);
         assert_eq!(doc.references(1).len(), 1);
         let index = format!(
             r#"{{"manifests":[{{"digest":"{a}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}}]}}"#

@@ -190,6 +190,8 @@ pub struct Store {
     small_blob_maps: moka::sync::Cache<Digest, mapped::SharedMap>,
     /// Which repositories reference each entry (see [`links`]).
     links: links::Links,
+    /// Tags → manifests → references, for operators; manifests leave it with their file.
+    catalogue: Catalogue,
     metrics: Arc<Metrics>,
 }
 
@@ -293,6 +295,7 @@ impl Store {
             );
             links.adopt_legacy(cached).map_err(io_error(&links_dir))?;
         }
+        let catalogue = Catalogue::open(&root.join(CATALOGUE_DIR))?;
         let store = Arc::new(Self {
             root: root.to_owned(),
             max_size,
@@ -314,6 +317,7 @@ impl Store {
                 .weigher(|_, map: &mapped::SharedMap| u32::try_from(map.len()).unwrap_or(u32::MAX))
                 .build(),
             links,
+            catalogue,
             metrics,
         });
         store.evict_to_fit();
@@ -334,9 +338,17 @@ impl Store {
             .join(hex)
     }
 
-    /// Where this store's [`Catalogue`] lives.
-    pub fn catalogue_dir(&self) -> PathBuf {
-        self.root.join(CATALOGUE_DIR)
+    /// What is cached under which names (tags, manifests and their references).
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
+    /// An entry left the store: so do its repository links and, for a manifest, its record.
+    fn left(&self, key: &Key) {
+        self.links.remove(&key.digest);
+        if key.kind == Kind::Manifest {
+            self.catalogue.forget_manifest(&key.digest);
+        }
     }
 
     fn tmp_dir(&self) -> PathBuf {
@@ -361,7 +373,7 @@ impl Store {
     fn forget(&self, key: &Key) {
         self.hot_manifests.invalidate(&key.digest);
         self.small_blob_maps.invalidate(&key.digest);
-        self.links.remove(&key.digest);
+        self.left(key);
         let mut index = self.lock_index();
         if let Some(size) = index.lru.pop(key) {
             index.total_bytes -= size;
@@ -530,7 +542,7 @@ impl Store {
             }
         }
         for key in victims {
-            self.links.remove(&key.digest);
+            self.left(&key);
             let path = self.path(key.kind, &key.digest);
             match std::fs::remove_file(&path) {
                 Ok(()) => {
