@@ -13,6 +13,7 @@ use crate::api::Api;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
+use crate::redis::Redis;
 use crate::store::{Store, StoreError};
 use crate::tags::{RedisTags, TagError, Tags};
 use crate::tls::{TlsError, TlsState};
@@ -40,6 +41,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub store: Arc<Store>,
     pub mirror: Arc<Mirror>,
+    /// The shared Redis (`cache.redis`), if configured.
+    pub redis: Option<Redis>,
     pub api: Api,
     /// Users and their repository grants (`auth:`), reloaded on SIGHUP.
     pub access: Option<Arc<Access>>,
@@ -59,11 +62,13 @@ impl App {
             let metrics = Arc::clone(&metrics);
             tokio::task::spawn_blocking(move || Store::open(&path, options, metrics)).await??
         };
+        // One Redis handle (one multiplexed connection) for everything that shares state
+        // across replicas: the tag cache now, coordination and control-plane events next.
         let redis = match &config.cache.redis {
-            Some(url) => Some(RedisTags::new(url.expose())?),
+            Some(url) => Some(Redis::open(url.expose()).map_err(TagError::from)?),
             None => None,
         };
-        let tags = Tags::new(redis, Arc::clone(&metrics));
+        let tags = Tags::new(redis.clone().map(RedisTags::over), Arc::clone(&metrics));
         let pool = Pool::new(
             Timeouts {
                 connect: config.timeouts.connect.0,
@@ -93,6 +98,7 @@ impl App {
             metrics,
             store,
             mirror,
+            redis,
             api,
             access,
             tls,
