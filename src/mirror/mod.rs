@@ -26,7 +26,6 @@ mod send;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::CONTENT_LENGTH;
 use http::{Method, StatusCode};
 
 pub use body::{Download, SourceBody};
@@ -35,7 +34,7 @@ pub use hook::{CommitHook, Committed};
 pub use listing::Passthrough;
 pub use manifests::Manifest;
 pub use registries::{Registry, Target};
-pub(crate) use send::{status_error, upstream_failure};
+pub(crate) use send::upstream_failure;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -43,7 +42,7 @@ use crate::oci::Digest;
 use crate::single_flight::SingleFlight;
 use crate::store::{BlobFile, Store};
 use crate::tags::Tags;
-use crate::upstream::{CredentialError, Pool, UpstreamRequest};
+use crate::upstream::{CredentialError, Pool};
 use registries::Registries;
 use scope::repository_key;
 
@@ -168,23 +167,10 @@ impl Mirror {
                 let size = flight.started().await?;
                 return Ok(BlobSource::Downloading(Download::new(flight, size, None)));
             }
-            let request = UpstreamRequest::new(
-                Method::HEAD,
-                target.repo.as_str(),
-                format!("/v2/{}/blobs/{digest}", target.repo),
-            );
-            let response = upstream
-                .send(&request)
-                .await
-                .map_err(|e| upstream_failure(upstream, e))?;
-            if response.status() != StatusCode::OK {
-                return Err(status_error(upstream, response).await);
-            }
-            let size = response
-                .headers()
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
+            let request =
+                send::repository_request(Method::HEAD, target, "blobs", &digest.to_string(), None);
+            let response = send::send_ok(upstream, &request, |s| s == StatusCode::OK).await?;
+            let size = send::content_length(response.headers());
             self.link_if_new(target, digest).await;
             return Ok(BlobSource::Upstream { size });
         }

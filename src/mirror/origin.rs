@@ -17,7 +17,8 @@ use http::{Method, StatusCode};
 use prometheus::IntCounter;
 
 use super::error::MirrorError;
-use super::{status_error, upstream_failure};
+use super::send::{content_length, send_ok};
+use super::upstream_failure;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::{Upstream, UpstreamBody, UpstreamRequest};
 
@@ -74,18 +75,8 @@ impl BlobOrigin for UpstreamOrigin {
             format!("/v2/{repo}/blobs/{digest}"),
         );
         let upstream = &self.upstream;
-        let response = upstream
-            .send(&request)
-            .await
-            .map_err(|e| upstream_failure(upstream, e))?;
-        if response.status() != StatusCode::OK {
-            return Err(status_error(upstream, response).await);
-        }
-        let size = response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let response = send_ok(upstream, &request, |s| s == StatusCode::OK).await?;
+        let size = content_length(response.headers());
         let state = (
             response.into_body(),
             Arc::clone(upstream),

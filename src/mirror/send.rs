@@ -52,6 +52,14 @@ pub(super) async fn send_ok(
     Ok(response)
 }
 
+/// The size an upstream announced, if it sent a readable `Content-Length`.
+pub(super) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 pub(crate) fn upstream_failure(upstream: &Upstream, error: UpstreamError) -> MirrorError {
     // A host the client named that resolves to a forbidden address is the request's fault: a
     // clear 403, never a retryable 503 or a stale answer.
@@ -65,7 +73,7 @@ pub(crate) fn upstream_failure(upstream: &Upstream, error: UpstreamError) -> Mir
 }
 
 /// Turns an upstream error response into a [`MirrorError`], keeping its OCI body if readable.
-pub(crate) async fn status_error(
+pub(super) async fn status_error(
     upstream: &Upstream,
     response: Response<UpstreamBody>,
 ) -> MirrorError {
