@@ -71,6 +71,18 @@ impl Route {
         }
     }
 
+    /// The repository the client named, for the routes that address one (manifests, blobs, tags,
+    /// referrers): those are resolved and checked against the pull rules before anything else.
+    pub fn repository(&self) -> Option<&str> {
+        match self {
+            Route::Manifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::TagsList { name }
+            | Route::Referrers { name, .. } => Some(name),
+            Route::Base | Route::Upload | Route::Catalog | Route::NotFound => None,
+        }
+    }
+
     /// A low-cardinality label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {
@@ -127,6 +139,21 @@ mod tests {
                 reference: "latest".into()
             }
         );
+    }
+
+    #[test]
+    fn repository_routes_name_their_repository() {
+        for path in [
+            "/v2/a/b/manifests/latest",
+            "/v2/a/b/blobs/sha256:x",
+            "/v2/a/b/tags/list",
+            "/v2/a/b/referrers/sha256:x",
+        ] {
+            assert_eq!(Route::parse(path).repository(), Some("a/b"), "{path}");
+        }
+        for path in ["/v2/", "/v2/a/blobs/uploads/", "/v2/_catalog", "/metrics"] {
+            assert_eq!(Route::parse(path).repository(), None, "{path}");
+        }
     }
 
     #[test]
