@@ -6,6 +6,11 @@
 //! is the local implementation, one map in this process; the fleet's Redis coordinator takes the
 //! same shape (claim → own or follow, release by compare-and-delete) across replicas, where
 //! following means reading from the owning peer.
+//!
+//! It also counts the download tasks still running, from their claim to the end of their task
+//! (the commit included), so a graceful shutdown can wait for them ([`LocalCoordinator::drain`]):
+//! a client has its last byte once the digest is verified, before the fsync and rename, and a
+//! restart must not lose what it just downloaded.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +36,17 @@ pub(super) struct Owner {
     /// Where the download publishes its progress to every follower.
     pub progress: watch::Sender<Progress>,
     pub claim: Claimed,
+    /// Counts the download task as running until it is dropped, at the end of the task.
+    pub task: RunningTask,
+}
+
+/// One download task counted by its coordinator; dropped when the task ends (or never ran).
+pub(super) struct RunningTask(Arc<watch::Sender<usize>>);
+
+impl Drop for RunningTask {
+    fn drop(&mut self) {
+        self.0.send_modify(|running| *running -= 1);
+    }
 }
 
 /// A digest this process is downloading; dropped (or [`released`](Self::release)), it is free.
@@ -60,9 +76,19 @@ impl Drop for Claimed {
 }
 
 /// The flights of this process, at most one per digest.
-#[derive(Default)]
 pub(super) struct LocalCoordinator {
     flights: Flights,
+    /// Download tasks not yet ended.
+    tasks: Arc<watch::Sender<usize>>,
+}
+
+impl Default for LocalCoordinator {
+    fn default() -> Self {
+        Self {
+            flights: Flights::default(),
+            tasks: Arc::new(watch::channel(0).0),
+        }
+    }
 }
 
 impl LocalCoordinator {
@@ -75,7 +101,9 @@ impl LocalCoordinator {
         }
         let (flight, progress) = Flight::new(repository());
         flights.insert(digest.clone(), Arc::clone(&flight));
+        self.tasks.send_modify(|running| *running += 1);
         Claim::Owner(Owner {
+            task: RunningTask(Arc::clone(&self.tasks)),
             flight: Arc::clone(&flight),
             progress,
             claim: Claimed {
@@ -93,6 +121,20 @@ impl LocalCoordinator {
             .unwrap_or_else(|e| e.into_inner())
             .get(digest)
             .cloned()
+    }
+
+    /// Waits until every download task has ended, or until `deadline`. Returns how many were
+    /// still running then (abandoned: their temp files are removed at the next start).
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> usize {
+        let mut running = self.tasks.subscribe();
+        let ended = tokio::time::timeout_at(deadline, running.wait_for(|&n| n == 0))
+            .await
+            .is_ok();
+        if ended {
+            0
+        } else {
+            *running.borrow()
+        }
     }
 }
 
@@ -156,5 +198,27 @@ mod tests {
         stale.release();
         let running = coordinator.running(&a).expect("the successor still runs");
         assert!(Arc::ptr_eq(&running, &successor.flight));
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_every_task_until_the_deadline() {
+        let coordinator = LocalCoordinator::default();
+        let now = tokio::time::Instant::now;
+        assert_eq!(coordinator.drain(now()).await, 0, "nothing runs");
+        let first = owner(coordinator.claim(&digest(1), || "r/one".into()));
+        let second = owner(coordinator.claim(&digest(2), || "r/two".into()));
+        // Following claims no task.
+        let _ = coordinator.claim(&digest(1), || unreachable!());
+        assert_eq!(coordinator.drain(now()).await, 2, "both are abandoned");
+        // Releasing the claim is not the end of the task: the commit hook and the outcome follow.
+        let Owner { claim, task, .. } = first;
+        claim.release();
+        assert_eq!(coordinator.drain(now()).await, 2);
+        let far = now() + std::time::Duration::from_secs(3600);
+        let (abandoned, ()) = tokio::join!(coordinator.drain(far), async {
+            drop(task);
+            drop(second);
+        });
+        assert_eq!(abandoned, 0);
     }
 }

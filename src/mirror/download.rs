@@ -136,6 +136,13 @@ impl Mirror {
         (flight, Some(first_rx))
     }
 
+    /// Waits for the running downloads to end, their commits included, until `deadline`; returns
+    /// how many were abandoned. A graceful shutdown calls it once no request is left, so a blob a
+    /// client just received is in the store after a restart.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> usize {
+        self.coordinator.drain(deadline).await
+    }
+
     /// Runs one flight to its end: a download slot, the download under `timeouts.download`, then
     /// the outcome published to everyone following.
     async fn run<O: BlobOrigin>(
@@ -145,8 +152,12 @@ impl Mirror {
         digest: Digest,
         first: mpsc::Sender<Bytes>,
     ) {
+        // `_task` counts this task as running (see `drain`) until the function returns.
         let Owner {
-            progress, claim, ..
+            progress,
+            claim,
+            task: _task,
+            ..
         } = owner;
         let limit = self.download_timeout;
         let outcome = match self.download_slot().await {

@@ -55,8 +55,7 @@ pub(super) async fn fill(
         read_batches(chunks, size, batches, first, &bad_content),
         write_batches(writer, queue, progress),
     );
-    let first = read?;
-    let mut writer = written.map_err(store_error)?;
+    let (first, mut writer) = both(read, written)?;
     let total = writer.written();
     writer.verify().map_err(|e| match e {
         StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => {
@@ -69,6 +68,17 @@ pub(super) async fn fill(
     first.release();
     writer.commit().await.map_err(store_error)?;
     Ok(total)
+}
+
+/// The reader's and the writer's results together, or the error that caused the failure. A disk
+/// that fails stops the writer, and the reader then finds its queue closed: the writer's error is
+/// the cause, so it wins (`failure_reason` says `io`, not `internal`).
+fn both<R, W>(
+    read: Result<R, MirrorError>,
+    written: Result<W, StoreError>,
+) -> Result<(R, W), MirrorError> {
+    let written = written.map_err(store_error)?;
+    Ok((read?, written))
 }
 
 pub(super) fn store_error(error: StoreError) -> MirrorError {
@@ -266,5 +276,24 @@ mod tests {
         );
         assert_eq!(state.verified, None);
         assert!(store.open_blob(&digest).await.is_none());
+    }
+
+    #[test]
+    fn a_failed_disk_write_is_reported_over_the_closed_queue() {
+        let disk = || StoreError::Io {
+            path: "tmp/blob".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let writer_gone = || Err::<(), _>(MirrorError::Internal("the disk writer stopped"));
+        let result = both(writer_gone(), Err::<(), _>(disk()));
+        assert!(matches!(result, Err(MirrorError::Store(_))), "{result:?}");
+        // The origin's own error stands when the disk was fine.
+        let origin_broke = Err::<(), _>(MirrorError::Internal("the origin broke"));
+        let result = both(origin_broke, Ok(()));
+        assert!(
+            matches!(result, Err(MirrorError::Internal("the origin broke"))),
+            "{result:?}"
+        );
+        assert!(both(Ok(1), Ok(2)).is_ok_and(|pair| pair == (1, 2)));
     }
 }

@@ -58,14 +58,22 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// `timeouts.shutdown`: for the in-flight requests and then the downloads together.
+    grace: Duration,
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish (up to `timeouts.shutdown`), then returns.
+    /// Stops accepting, lets in-flight requests finish, then lets the mirror's downloads finish
+    /// (a client has a blob's last byte before its commit), all within `timeouts.shutdown`.
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.grace;
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        let abandoned = self.mirror.drain(deadline).await;
+        if abandoned > 0 {
+            tracing::warn!(abandoned, grace = ?self.grace, "shutdown deadline reached; abandoning running downloads");
         }
     }
 }
@@ -161,6 +169,7 @@ pub async fn serve(app: App) -> Result<Running, StartError> {
         metrics,
         shutdown,
         tasks,
+        grace: limits.grace,
     })
 }
 
@@ -204,7 +213,7 @@ async fn reload_on_sighup(
 pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), StartError> {
     let running = start(config).await?;
     signal.await;
-    tracing::info!("shutting down: finishing in-flight requests");
+    tracing::info!("shutting down: finishing in-flight requests and downloads");
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
