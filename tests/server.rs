@@ -296,3 +296,51 @@ async fn a_client_that_stops_reading_is_disconnected_after_the_send_timeout() {
         started.elapsed()
     );
 }
+
+/// A download whose client left is still the mirror's: SIGTERM waits for it (commit included,
+/// within `timeouts.shutdown`) instead of exiting with it half done, so a rolling restart does
+/// not lose a blob the upstream was already sending. Deterministic: the upstream's body is held
+/// until gantry is shutting down, when no request is in flight any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_download_no_client_is_waiting_for() {
+    if !common::require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = common::Fixture::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gantry = GantryProcess::configure(dir.path(), &fixture.proxy.url(), Options::default());
+    gantry.start().await;
+    let (layer, size) = fixture.multi.layers.last().unwrap().clone();
+    let url = gantry.url(&format!("/v2/test/multi/blobs/{layer}"));
+    let gate = fixture.proxy.hold(&format!("/blobs/{layer}"), 64 << 10);
+    let client = tokio::spawn({
+        let url = url.clone();
+        async move { http_get(&url, &[]).await }
+    });
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async { gate.held() >= 1 }).await,
+        "the upstream body is held"
+    );
+    client.abort();
+    let _ = client.await;
+    gantry.signal("TERM");
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            gantry.log().contains("shutting down")
+        })
+        .await,
+        "gantry is shutting down"
+    );
+    gate.open();
+    assert!(gantry.wait(Duration::from_secs(20)).await.success());
+
+    fixture.proxy.set_down(true);
+    gantry.start().await;
+    let reply = http_get(&url, &[]).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", gantry.log());
+    assert_eq!(reply.body.len() as u64, size);
+    assert_eq!(
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&reply.body))),
+        layer
+    );
+}
