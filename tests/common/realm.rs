@@ -44,14 +44,9 @@ impl Realm {
                             .unwrap()
                             .push((request.uri().path().to_owned(), authorization));
                         async {
-                            let mut response = Response::new(Full::new(Bytes::from_static(
+                            Ok::<_, std::convert::Infallible>(token_response(Bytes::from_static(
                                 br#"{"token":"good"}"#,
-                            )));
-                            response.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static("application/json"),
-                            );
-                            Ok::<_, std::convert::Infallible>(response)
+                            )))
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -140,13 +135,9 @@ impl HoldingRealm {
                                 held.fetch_sub(1, Ordering::SeqCst);
                             }
                             let body = serde_json::json!({ "token": format!("tok:{scope}") });
-                            let mut response =
-                                Response::new(Full::new(Bytes::from(body.to_string())));
-                            response.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static("application/json"),
-                            );
-                            Ok::<_, std::convert::Infallible>(response)
+                            Ok::<_, std::convert::Infallible>(token_response(Bytes::from(
+                                body.to_string(),
+                            )))
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -195,4 +186,14 @@ impl Drop for HoldingRealm {
         self.release();
         self.task.abort();
     }
+}
+
+/// A token realm's JSON answer.
+fn token_response(body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
