@@ -98,6 +98,10 @@ pub fn error_response(error: &MirrorError, route: &Route) -> Response<ResponseBo
             ErrorCode::Unavailable,
             format!("{registry} sent content that failed verification; nothing was cached"),
         ),
+        MirrorError::Origin { origin, .. } => OciError::new(
+            ErrorCode::Unavailable,
+            format!("{origin} broke off and no other origin could take over; retry"),
+        ),
         MirrorError::Store(_) => OciError::new(ErrorCode::Unavailable, "the mirror's storage failed"),
         MirrorError::Internal(_) => OciError::new(ErrorCode::Unavailable, "the mirror failed; retry"),
         MirrorError::Overloaded { retry_after_secs, .. } => {

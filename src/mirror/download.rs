@@ -19,7 +19,8 @@ use super::coordinator::{Claim, Owner};
 use super::error::MirrorError;
 use super::fill::{fill, store_error};
 use super::hook::Committed;
-use super::origin::{BlobOrigin, UpstreamOrigin};
+use super::origin::{BlobOrigin, Origin, UpstreamOrigin};
+use super::resume::open_first;
 use super::Mirror;
 use crate::metrics::FailureReason;
 use crate::oci::{Digest, RepoName};
@@ -145,10 +146,10 @@ impl Mirror {
 
     /// Runs one flight to its end: a download slot, the download under `timeouts.download`, then
     /// the outcome published to everyone following.
-    async fn run<O: BlobOrigin>(
+    async fn run(
         self: Arc<Self>,
         owner: Owner,
-        origin: O,
+        origin: UpstreamOrigin,
         digest: Digest,
         first: mpsc::Sender<Bytes>,
     ) {
@@ -167,7 +168,7 @@ impl Mirror {
                     .await
                     .unwrap_or_else(|_| {
                         Err(MirrorError::DownloadTimeout {
-                            registry: origin.registry().to_owned(),
+                            registry: origin.name().to_owned(),
                             limit,
                         })
                     })
@@ -185,7 +186,7 @@ impl Mirror {
                 progress.send_modify(|p| p.phase = Phase::Committed);
             }
             Err(error) => {
-                tracing::warn!(%digest, registry = origin.registry(), %error, "blob download failed; nothing was cached");
+                tracing::warn!(%digest, registry = origin.name(), %error, "blob download failed; nothing was cached");
                 self.metrics
                     .download_failures
                     .with_label_values(&[failure_reason(&error).as_str()])
@@ -226,27 +227,23 @@ impl Mirror {
         waited
     }
 
-    /// Fetches, verifies and commits one blob from `origin`. Returns its size.
+    /// Fetches, verifies and commits one blob from the first of its origins that holds it,
+    /// `upstream` last. Returns its size.
     async fn download(
         &self,
-        origin: &impl BlobOrigin,
+        upstream: &UpstreamOrigin,
         digest: &Digest,
         progress: &watch::Sender<Progress>,
         first: mpsc::Sender<Bytes>,
     ) -> Result<u64, MirrorError> {
-        let opened = origin.open(digest).await?;
+        let registry = upstream.name().to_owned();
+        let origins = vec![Origin::Upstream(upstream.clone())];
+        let opened = open_first(digest, origins).await?;
         let writer = self
             .store
             .begin_blob(digest, opened.size)
             .map_err(store_error)?;
-        fill(
-            writer,
-            opened.chunks,
-            progress,
-            Some(first),
-            origin.registry(),
-        )
-        .await
+        fill(writer, opened.chunks, progress, Some(first), &registry).await
     }
 }
 
@@ -261,6 +258,7 @@ fn failure_reason(error: &MirrorError) -> FailureReason {
             _ => FailureReason::UpstreamUnavailable,
         },
         MirrorError::Overloaded { .. } => FailureReason::Shed,
+        MirrorError::Origin { .. } => FailureReason::UpstreamUnavailable,
         MirrorError::UpstreamStatus { .. } | MirrorError::Request(_) => {
             FailureReason::UpstreamStatus
         }

@@ -31,6 +31,14 @@ pub enum MirrorError {
         #[source]
         source: Arc<UpstreamError>,
     },
+    /// An origin below the upstream (the object tier, a peer replica) failed. Never shown to a
+    /// client as such: the next origin takes over, and only the upstream's own failures end a pull.
+    #[error("{origin}: {source}")]
+    Origin {
+        origin: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// A whole blob download took longer than `timeouts.download`.
     #[error("{registry}: the download took longer than {limit:?}")]
     DownloadTimeout {
@@ -63,9 +71,10 @@ impl MirrorError {
     /// be served past its TTL.
     pub(super) fn serves_stale(&self) -> bool {
         match self {
-            Self::Unavailable { .. } | Self::DownloadTimeout { .. } | Self::BadContent { .. } => {
-                true
-            }
+            Self::Unavailable { .. }
+            | Self::DownloadTimeout { .. }
+            | Self::BadContent { .. }
+            | Self::Origin { .. } => true,
             Self::UpstreamStatus { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }

@@ -20,6 +20,7 @@ mod listing;
 mod manifests;
 mod origin;
 mod registries;
+mod resume;
 mod scope;
 mod send;
 

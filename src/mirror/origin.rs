@@ -1,11 +1,13 @@
 //! Blob origins: where a missing blob's bytes come from, before [`fill`](super::fill) writes,
 //! verifies and commits them.
 //!
-//! An origin answers one question, "give me this digest": its size if it knows it, then its bytes
-//! as a stream of chunks. It knows nothing of the store, the flights or the clients, so the fill
-//! pipeline is the same whatever the bytes come from. The upstream registry is the one origin
-//! today; an object tier below the disk (#14) and a peer replica are the next ones, tried in order
-//! with each miss falling through, as mountpoint-s3's caches do. Nothing here assumes HTTP.
+//! An origin answers one question, "give me this digest from byte N": the whole blob's size if it
+//! knows it, then its bytes from N as a stream of chunks, or `None` when it does not hold the
+//! blob. It knows nothing of the store, the flights or the clients, so the fill pipeline is the
+//! same whatever the bytes come from. The upstream registry is one origin; the object tier below
+//! the disk and a peer replica are others. A download tries its origins in order, each miss or
+//! error falling through, as mountpoint-s3's caches do; when the origin feeding it breaks off, the
+//! [`resume`](super::resume) chain goes on from the next one at the same byte.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,22 +31,49 @@ pub type Chunks = Pin<Box<dyn Stream<Item = Result<Bytes, MirrorError>> + Send>>
 
 /// An origin's answer for a digest it holds.
 pub struct Opened {
-    /// The size the origin announced, if any; [`fill`](super::fill) holds the bytes to it.
+    /// The whole blob's size as the origin announced it, if it did; [`fill`](super::fill) holds
+    /// the bytes to it.
     pub size: Option<u64>,
+    /// The bytes from the offset asked for.
     pub chunks: Chunks,
 }
 
-/// A source of blob content. `open` fails with the origin's own error (an upstream's status, an
-/// unreachable host) before any byte is written.
+/// A source of blob content. `open` answers `None` when the origin does not hold the blob, and
+/// fails with the origin's own error (an upstream's status, an unreachable host) before any byte
+/// is written.
 pub trait BlobOrigin: Send + Sync {
-    /// The registry whose content this is, named by content errors (`BadContent`) and logs.
-    fn registry(&self) -> &str;
+    /// Where the bytes come from, for logs (`docker.io`, `object tier`, a peer's URL).
+    fn name(&self) -> &str;
 
-    fn open(&self, digest: &Digest) -> impl Future<Output = Result<Opened, MirrorError>> + Send;
+    fn open(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> impl Future<Output = Result<Option<Opened>, MirrorError>> + Send;
+}
+
+/// The origins a download may use, in one type so that they can be tried in order.
+pub(super) enum Origin {
+    Upstream(UpstreamOrigin),
+}
+
+impl BlobOrigin for Origin {
+    fn name(&self) -> &str {
+        match self {
+            Self::Upstream(upstream) => upstream.name(),
+        }
+    }
+
+    async fn open(&self, digest: &Digest, offset: u64) -> Result<Option<Opened>, MirrorError> {
+        match self {
+            Self::Upstream(upstream) => upstream.open(digest, offset).await,
+        }
+    }
 }
 
 /// The upstream registry, asked under the repository the client named (its credentials, its
 /// token scope).
+#[derive(Clone)]
 pub struct UpstreamOrigin {
     upstream: Arc<Upstream>,
     repo: RepoName,
@@ -63,31 +92,70 @@ impl UpstreamOrigin {
 }
 
 impl BlobOrigin for UpstreamOrigin {
-    fn registry(&self) -> &str {
+    fn name(&self) -> &str {
         self.upstream.name()
     }
 
-    async fn open(&self, digest: &Digest) -> Result<Opened, MirrorError> {
+    async fn open(&self, digest: &Digest, offset: u64) -> Result<Option<Opened>, MirrorError> {
         let repo = &self.repo;
-        let request = UpstreamRequest::new(
+        let mut request = UpstreamRequest::new(
             Method::GET,
             repo.as_str(),
             format!("/v2/{repo}/blobs/{digest}"),
         );
+        request.range_from = (offset > 0).then_some(offset);
         let upstream = &self.upstream;
-        let response = send_ok(upstream, &request, |s| s == StatusCode::OK).await?;
-        let size = content_length(response.headers());
+        let ok = |s| s == StatusCode::OK || (offset > 0 && s == StatusCode::PARTIAL_CONTENT);
+        let response = send_ok(upstream, &request, ok).await?;
+        let (size, skip) = if response.status() == StatusCode::PARTIAL_CONTENT {
+            (content_range_total(response.headers(), offset), 0)
+        } else {
+            // A registry that ignores `Range` sends it all: the bytes before `offset` are dropped.
+            (content_length(response.headers()), offset)
+        };
         let state = (
             response.into_body(),
             Arc::clone(upstream),
             self.received.clone(),
         );
         let chunks = futures_util::stream::try_unfold(state, next_chunk);
-        Ok(Opened {
+        Ok(Some(Opened {
             size,
-            chunks: Box::pin(chunks),
-        })
+            chunks: skip_bytes(Box::pin(chunks), skip),
+        }))
     }
+}
+
+/// The whole size from a `Content-Range: bytes N-M/TOTAL` that starts where it was asked to.
+fn content_range_total(headers: &http::HeaderMap, offset: u64) -> Option<u64> {
+    let value = headers.get(http::header::CONTENT_RANGE)?.to_str().ok()?;
+    let (range, total) = value.strip_prefix("bytes ")?.split_once('/')?;
+    let (start, _) = range.split_once('-')?;
+    (start.parse::<u64>().ok()? == offset)
+        .then(|| total.parse().ok())
+        .flatten()
+}
+
+/// `chunks` without their first `skip` bytes.
+pub(super) fn skip_bytes(chunks: Chunks, skip: u64) -> Chunks {
+    if skip == 0 {
+        return chunks;
+    }
+    let skipping =
+        futures_util::stream::try_unfold((chunks, skip), |(mut chunks, mut skip)| async move {
+            use futures_util::StreamExt;
+            while let Some(chunk) = chunks.next().await {
+                let mut chunk = chunk?;
+                if skip >= chunk.len() as u64 {
+                    skip -= chunk.len() as u64;
+                    continue;
+                }
+                let rest = chunk.split_off(skip as usize);
+                return Ok(Some((rest, (chunks, 0))));
+            }
+            Ok(None)
+        });
+    Box::pin(skipping)
 }
 
 type BodyState = (UpstreamBody, Arc<Upstream>, IntCounter);
@@ -101,5 +169,39 @@ async fn next_chunk(state: BodyState) -> Result<Option<(Bytes, BodyState)>, Mirr
         }
         Ok(None) => Ok(None),
         Err(error) => Err(upstream_failure(&upstream, error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    #[test]
+    fn content_range_gives_the_total_only_from_the_asked_offset() {
+        let headers = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::CONTENT_RANGE, value.parse().unwrap());
+            headers
+        };
+        assert_eq!(content_range_total(&headers("bytes 4-9/10"), 4), Some(10));
+        assert_eq!(content_range_total(&headers("bytes 0-9/10"), 4), None);
+        assert_eq!(content_range_total(&headers("bytes 4-9/*"), 4), None);
+        assert_eq!(content_range_total(&http::HeaderMap::new(), 4), None);
+    }
+
+    #[tokio::test]
+    async fn skipping_drops_exactly_the_first_bytes_across_chunks() {
+        for skip in 0..=7 {
+            let parts =
+                [&b"abc"[..], b"de", b"fg"].map(|p| Ok::<_, MirrorError>(Bytes::from_static(p)));
+            let chunks: Chunks = Box::pin(futures_util::stream::iter(parts));
+            let rest: Vec<u8> = skip_bytes(chunks, skip)
+                .map(|c| c.unwrap().to_vec())
+                .concat()
+                .await;
+            assert_eq!(rest, &b"abcdefg"[skip as usize..], "skip {skip}");
+        }
     }
 }

@@ -85,6 +85,8 @@ pub struct UpstreamRequest {
     /// The token scope, e.g. `repository:library/alpine:pull`.
     pub scope: String,
     pub accept: Option<HeaderValue>,
+    /// `Range: bytes=N-`: a blob download resumed at byte N (kept across redirects).
+    pub range_from: Option<u64>,
 }
 
 impl UpstreamRequest {
@@ -94,6 +96,7 @@ impl UpstreamRequest {
             path,
             scope: format!("repository:{repository}:pull"),
             accept: None,
+            range_from: None,
         }
     }
 }
@@ -417,6 +420,9 @@ impl Upstream {
                 .header(USER_AGENT, USER_AGENT_VALUE);
             if let Some(accept) = &request.accept {
                 builder = builder.header(ACCEPT, accept);
+            }
+            if let Some(offset) = request.range_from {
+                builder = builder.header(http::header::RANGE, format!("bytes={offset}-"));
             }
             // Signed CDN URLs reject a second auth mechanism, and another host must never see our token.
             if let (Some(authorization), true) = (&authorization, same_origin) {
