@@ -22,6 +22,7 @@ mod origin;
 mod registries;
 mod scope;
 mod send;
+mod upload;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,7 @@ pub use listing::Passthrough;
 pub use manifests::Manifest;
 pub use registries::{Registry, Target};
 pub(crate) use send::upstream_failure;
+pub use upload::{uploader, UPLOAD_QUEUE};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
