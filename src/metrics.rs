@@ -82,6 +82,27 @@ pub struct Metrics {
     pub repository_checks: IntCounterVec,
     /// Requests refused because their client was over `limits.requests_per_second_per_client`.
     pub client_rate_limited: IntCounter,
+    /// Object tier (`storage.s3`) lookups by kind (`blob`, `manifest`) and outcome (`hit`,
+    /// `miss`, `error`; an error is served as a miss).
+    pub object_tier_lookups: IntCounterVec,
+    /// Bytes read from the object tier.
+    pub object_tier_read_bytes: IntCounter,
+    /// Bytes uploaded to the object tier.
+    pub object_tier_uploaded_bytes: IntCounter,
+    /// Blob uploads by result (`uploaded`, `present`: the key existed, `gone`: evicted from the
+    /// disk before its turn, `failed`: every attempt failed).
+    pub object_tier_uploads: IntCounterVec,
+    /// Failed object tier operations, by operation (`probe`, `read`, `head`, `upload`, `delete`,
+    /// `list`).
+    pub object_tier_errors: IntCounterVec,
+    /// Blobs waiting for an upload or being uploaded.
+    pub object_tier_upload_backlog: IntGauge,
+    /// Committed blobs never uploaded because the upload backlog was full.
+    pub object_tier_uploads_dropped: IntCounter,
+    /// 1 while the object tier answers, 0 while it is skipped as down.
+    pub object_tier_up: IntGauge,
+    /// Blobs deleted from the object tier to keep it under `storage.s3.max_size`.
+    pub object_tier_evictions: IntCounter,
 }
 
 impl Metrics {
@@ -202,6 +223,45 @@ impl Metrics {
             client_rate_limited: counter(
                 "gantry_client_rate_limited_total",
                 "Client requests answered 429 because their client was over limits.requests_per_second_per_client.",
+            ),
+            object_tier_lookups: counter_vec(
+                "gantry_object_tier_lookups_total",
+                "Object tier lookups by kind (blob, manifest) and outcome (hit, miss, error; an error is served as a miss).",
+                &["kind", "outcome"],
+            ),
+            object_tier_read_bytes: counter(
+                "gantry_object_tier_read_bytes_total",
+                "Bytes read from the object tier.",
+            ),
+            object_tier_uploaded_bytes: counter(
+                "gantry_object_tier_uploaded_bytes_total",
+                "Bytes uploaded to the object tier.",
+            ),
+            object_tier_uploads: counter_vec(
+                "gantry_object_tier_uploads_total",
+                "Blob uploads to the object tier by result (uploaded, present, gone, failed).",
+                &["result"],
+            ),
+            object_tier_errors: counter_vec(
+                "gantry_object_tier_errors_total",
+                "Failed object tier operations, by operation.",
+                &["operation"],
+            ),
+            object_tier_upload_backlog: gauge(
+                "gantry_object_tier_upload_backlog",
+                "Committed blobs waiting for their upload to the object tier or being uploaded.",
+            ),
+            object_tier_uploads_dropped: counter(
+                "gantry_object_tier_uploads_dropped_total",
+                "Committed blobs never uploaded to the object tier because the upload backlog was full.",
+            ),
+            object_tier_up: gauge(
+                "gantry_object_tier_up",
+                "1 while the object tier answers, 0 while it is skipped as down.",
+            ),
+            object_tier_evictions: counter(
+                "gantry_object_tier_evictions_total",
+                "Blobs deleted from the object tier to stay under storage.s3.max_size.",
             ),
             registry,
         }

@@ -3,12 +3,14 @@
 //! Parsed once at start-up into typed structs; unknown keys and impossible values are errors that
 //! name the key and the line. Nothing downstream re-reads or re-validates configuration.
 
+mod object_tier;
 mod values;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use object_tier::{ObjectTierConfig, DEFAULT_MAX_UPLOADS};
 pub use values::{substitute_env, BaseUrl, ByteSize, ListenAddr, Network, Seconds, Secret, Text};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -85,6 +87,8 @@ pub struct Storage {
     /// Serve blobs from memory mappings of their files. Off for network filesystems: there a
     /// read error on a mapped page kills the process (SIGBUS) instead of failing one request.
     pub mmap: bool,
+    /// The object tier below the local disk: S3-compatible storage shared by replicas.
+    pub s3: Option<ObjectTierConfig>,
 }
 
 impl Storage {
@@ -387,6 +391,7 @@ impl Default for Storage {
             path: PathBuf::from("./data"),
             max_size: None,
             mmap: true,
+            s3: None,
         }
     }
 }
@@ -506,6 +511,9 @@ impl Config {
             problems.push(
                 "storage.max_size: must be more than 0 (leave it out for no limit)".to_owned(),
             );
+        }
+        if let Some(s3) = &self.storage.s3 {
+            s3.problems(&mut problems);
         }
         let client_auth = self.auth.is_some();
         self.mirroring.access().problems(&mut problems, client_auth);
