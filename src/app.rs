@@ -102,7 +102,8 @@ impl App {
             Some(auth) => Some(Arc::new(Access::load(auth)?)),
             None => None,
         };
-        let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone());
+        let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone())
+            .with_cluster(config.cluster.as_ref());
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(TlsState::load(files)?)),
             None => None,

@@ -103,6 +103,14 @@ pub struct Metrics {
     pub object_tier_up: IntGauge,
     /// Blobs deleted from the object tier to keep it under `storage.s3.max_size`.
     pub object_tier_evictions: IntCounter,
+    /// Blob bodies this replica served to peers on its cluster route.
+    pub cluster_peer_streams_served: IntCounter,
+    /// Blob bodies this replica opened on a peer that was downloading them.
+    pub cluster_peer_streams_followed: IntCounter,
+    /// Download lease claims by outcome (`owned`, `held_by_peer`, `redis_unavailable`).
+    pub cluster_lease_claims: IntCounterVec,
+    /// Lease renewals that got no answer from Redis (the lease may lapse to another replica).
+    pub cluster_lease_renew_failures: IntCounter,
 }
 
 impl Metrics {
@@ -262,6 +270,23 @@ impl Metrics {
             object_tier_evictions: counter(
                 "gantry_object_tier_evictions_total",
                 "Blobs deleted from the object tier to stay under storage.s3.max_size.",
+            ),
+            cluster_peer_streams_served: counter(
+                "gantry_cluster_peer_streams_served_total",
+                "Blob bodies served to peer replicas on the cluster route (stored or still downloading).",
+            ),
+            cluster_peer_streams_followed: counter(
+                "gantry_cluster_peer_streams_followed_total",
+                "Blob bodies opened on a peer replica that owned their download, instead of the upstream.",
+            ),
+            cluster_lease_claims: counter_vec(
+                "gantry_cluster_lease_claims_total",
+                "Blob download lease claims in Redis, by outcome (owned, held_by_peer, redis_unavailable: downloading alone).",
+                &["outcome"],
+            ),
+            cluster_lease_renew_failures: counter(
+                "gantry_cluster_lease_renew_failures_total",
+                "Download lease renewals Redis did not answer; the lease lapses after cluster.lease_ttl without one.",
             ),
             registry,
         }

@@ -3,6 +3,7 @@
 //! Parsed once at start-up into typed structs; unknown keys and impossible values are errors that
 //! name the key and the line. Nothing downstream re-reads or re-validates configuration.
 
+mod cluster;
 mod object_tier;
 mod values;
 
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use cluster::ClusterConfig;
 pub use object_tier::{ObjectTierConfig, DEFAULT_MAX_UPLOADS};
 pub use values::{substitute_env, BaseUrl, ByteSize, ListenAddr, Network, Seconds, Secret, Text};
 
@@ -37,6 +39,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: Log,
+    /// Replicas sharing one Redis that fetch each blob from the upstream once between them.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -381,6 +385,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log: Log::default(),
+            cluster: None,
         }
     }
 }
@@ -571,6 +576,13 @@ impl Config {
             problems.push("limits.max_connections: must be at least 1".to_owned());
         }
         self.limits.problems(&mut problems);
+        if let Some(cluster) = &self.cluster {
+            cluster.problems(
+                self.cache.redis.is_some(),
+                self.tls.is_some(),
+                &mut problems,
+            );
+        }
         if self.limits.max_manifest_size.0 < 4 << 20 {
             problems.push(
                 "limits.max_manifest_size: must be at least 4MiB (manifests of 4 MB are common)"

@@ -19,6 +19,7 @@ mod hook;
 mod listing;
 mod manifests;
 mod origin;
+mod peer;
 mod registries;
 mod resume;
 mod scope;
