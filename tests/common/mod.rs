@@ -14,6 +14,7 @@ pub mod fake;
 pub mod gauge;
 pub mod images;
 pub mod metrics;
+pub mod nginx;
 pub mod process;
 pub mod raw_fake;
 pub mod realm;
