@@ -11,6 +11,7 @@
 
 pub mod clients;
 pub mod fake;
+pub mod garage;
 pub mod gauge;
 pub mod images;
 pub mod metrics;
