@@ -439,6 +439,18 @@ async fn a_peer_follows_a_download_in_progress_from_its_first_bytes() {
         Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await;
     let (layer, size) = fixture.multi.layers[3].clone();
     let digest = Digest::parse(&layer).unwrap();
+    // The manifest links the layer to its repository, as in any pull: a replica with a cluster
+    // checks a blob's repository before downloading it (the upstream's GET no longer vouches).
+    let manifest = gantry.url("/v2/test/multi/manifests/v1");
+    let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        request(Method::GET, &manifest, &[accept])
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    fixture.proxy.clear();
     let gate = fixture.proxy.hold(&layer, 1 << 20);
     // A client starts the download and reads along.
     let client_url = gantry.url(&format!("/v2/test/multi/blobs/{layer}"));
