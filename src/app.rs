@@ -104,7 +104,11 @@ impl App {
         if let (Some(cluster), Some(redis)) = (&config.cluster, &redis) {
             mirror = mirror.with_cluster(Cluster {
                 leases: Leases::new(redis.clone(), cluster, Arc::clone(&metrics)),
-                peers: Arc::new(Peers::new(cluster, Arc::clone(&metrics))),
+                peers: Arc::new(Peers::new(
+                    cluster,
+                    config.timeouts.idle.0,
+                    Arc::clone(&metrics),
+                )),
             });
         }
         let mirror = Arc::new(mirror);

@@ -102,9 +102,25 @@ async fn a_pulled_image_lands_in_the_bucket_under_its_content_keys() {
         );
         total += pulled.len();
     }
+    // The manifest goes up too, in the disk store's form (its media type line, then its bytes),
+    // so a replica with an empty disk answers it without the upstream.
+    let manifest = fixture.multi.manifest_digest.trim_start_matches("sha256:");
+    let key = format!("manifests/sha256/{}/{manifest}", &manifest[..2]);
+    let stored = common::wait_until(Duration::from_secs(10), || async {
+        garage.object(&key).await.is_some()
+    })
+    .await;
+    assert!(stored, "the manifest reached the bucket under {key}");
+    let manifest_object = garage.object(&key).await.unwrap();
+    assert!(manifest_object.starts_with(b"application/vnd.oci.image.manifest.v1+json\n"));
+    assert_eq!(
+        manifest_object.len() - manifest_object.iter().position(|b| *b == b'\n').unwrap() - 1,
+        fixture.multi.manifest_size
+    );
+    let metrics = gantry.metrics().await;
     assert_eq!(
         sample(&metrics, "gantry_object_tier_uploaded_bytes_total"),
-        Some(total as f64)
+        Some((total + manifest_object.len()) as f64)
     );
     let ready = http_get(&gantry.admin_url("/readyz"), &[]).await.unwrap();
     assert_eq!(ready.json()["object_tier"], "up", "{:?}", ready.body);
@@ -293,4 +309,105 @@ async fn an_existing_key_is_never_overwritten() {
         Uploaded::Present
     );
     assert_eq!(garage.object(&key).await, Some(b"planted".to_vec()));
+}
+
+/// What a client gets for `url`: the status, and the whole body or the error that broke it.
+async fn get_body(url: &str) -> (http::StatusCode, Result<Vec<u8>, String>) {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(url)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = common::client().request(request).await.unwrap();
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|body| body.to_bytes().to_vec())
+        .map_err(|e| e.to_string());
+    (status, body)
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_or_truncated_object_is_never_served_whole_and_is_replaced_from_the_upstream() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let Some(garage) = Garage::start().await else {
+        return;
+    };
+    let fixture = Fixture::start().await;
+    let storage = garage.yaml();
+    let options = Options {
+        storage: &storage,
+        ..Options::default()
+    };
+    let gantry =
+        Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await;
+    // The manifest links the layers to the repository, as in a pull.
+    let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
+    let manifest = http_get(&gantry.url("/v2/test/multi/manifests/v1"), &[accept]).await;
+    assert_eq!(manifest.unwrap().status, http::StatusCode::OK);
+    let layers = &fixture.multi.layers;
+    let (flipped, flipped_size) = layers[1].clone();
+    let (short, short_size) = layers[3].clone();
+    // The bucket holds, under the layers' content keys, one with a byte changed and one cut short.
+    let mut wrong = vec![0x5a; flipped_size as usize];
+    wrong[0] = 1;
+    garage.put_object(&blob_key(&flipped), wrong).await;
+    garage
+        .put_object(&blob_key(&short), vec![0x5a; short_size as usize / 2])
+        .await;
+    fixture.proxy.clear();
+    for (layer, size) in [(&flipped, flipped_size), (&short, short_size)] {
+        let url = gantry.url(&format!("/v2/test/multi/blobs/{layer}"));
+        let (_, first) = get_body(&url).await;
+        if let Ok(bytes) = &first {
+            assert_ne!(
+                bytes.len() as u64,
+                size,
+                "bad object bytes were served as a complete blob"
+            );
+        }
+        // The bad object is gone from the bucket, so the next request goes upstream.
+        let removed = wait_until(Duration::from_secs(10), || async {
+            garage.object(&blob_key(layer)).await.is_none()
+                || garage
+                    .object(&blob_key(layer))
+                    .await
+                    .map(|b| sha256(&b))
+                    .as_deref()
+                    == Some(layer.as_str())
+        })
+        .await;
+        assert!(removed, "the bad object of {layer} stayed in the bucket");
+        let (status, second) = get_body(&url).await;
+        assert_eq!(status, http::StatusCode::OK);
+        assert_eq!(sha256(&second.expect("the second GET completes")), *layer);
+    }
+    let gets = fixture.proxy.blob_gets();
+    assert_eq!(gets.get(&flipped), Some(&1), "{gets:?}");
+    assert_eq!(gets.get(&short), Some(&1), "{gets:?}");
+    // The verified blobs replace them in the bucket.
+    gantry.settled().await;
+    for layer in [&flipped, &short] {
+        let replaced = wait_until(Duration::from_secs(20), || async {
+            garage
+                .object(&blob_key(layer))
+                .await
+                .map(|b| sha256(&b))
+                .as_deref()
+                == Some(layer.as_str())
+        })
+        .await;
+        assert!(
+            replaced,
+            "{layer} was not uploaded again after verification"
+        );
+    }
 }

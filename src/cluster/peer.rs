@@ -34,9 +34,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// From the request to the response headers: the owner answers from its store or its flight's
 /// state, never from an upstream, so this covers a busy replica, not a slow registry.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest pause between two chunks. The owner sends as its own download receives, so this
-/// also bounds how long a stalled upstream of the owner keeps its followers waiting.
+/// The longest pause between two chunks, for a client built without a configuration.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much longer than its owner's own upstream idle timeout (`timeouts.idle`) a follower
+/// waits between two chunks. The owner sends as its download receives: a pause means the
+/// owner's upstream is slow, and a follower that gave up first would fetch the blob a second time
+/// from the same slow upstream. Waiting a little longer, it sees the owner's download fail (its
+/// body ends in an error) and resumes from the next origin.
+pub const IDLE_MARGIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -79,8 +84,12 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(cluster: &ClusterConfig, metrics: Arc<Metrics>) -> Self {
-        Self::with_secret(cluster.secret.expose(), metrics)
+    /// Peers as `cluster:` configures them; `upstream_idle` is `timeouts.idle` (see
+    /// [`IDLE_MARGIN`]).
+    pub fn new(cluster: &ClusterConfig, upstream_idle: Duration, metrics: Arc<Metrics>) -> Self {
+        let mut peers = Self::with_secret(cluster.secret.expose(), metrics);
+        peers.idle = upstream_idle + IDLE_MARGIN;
+        peers
     }
 
     /// A client that proves itself with `secret`, with the module's timeouts.

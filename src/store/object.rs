@@ -346,6 +346,25 @@ impl ObjectTier {
                     source,
                 })
             }
+            // A listing refused is untyped (`Generic`) in object_store; a HEAD's refusal is
+            // typed, and tells a missing bucket (404) from refused credentials (401/403).
+            Err(ObjectTierError::Store { .. }) => {
+                let probe = Key::from(format!("{}.gantry-probe", tier.shared.prefix));
+                match tier.shared.store.head(&probe).await {
+                    Err(source) if is_no_bucket(&source) => Err(ObjectTierError::NoBucket {
+                        bucket,
+                        endpoint,
+                        source,
+                    }),
+                    Err(source) if is_refused(&source) => Err(ObjectTierError::Credentials {
+                        bucket,
+                        endpoint,
+                        source,
+                    }),
+                    // Marked down (and logged) by the probe.
+                    _ => Ok(tier),
+                }
+            }
             // Marked down (and logged) by the probe.
             Err(_) => Ok(tier),
         }

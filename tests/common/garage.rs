@@ -287,8 +287,10 @@ api_bind_addr = "127.0.0.1:{admin}"
                 max_retries: 0,
                 ..RetryConfig::default()
             })
+            // After `with_allow_http`, which these options would otherwise replace.
             .with_client_options(
                 ClientOptions::new()
+                    .with_allow_http(true)
                     .with_connect_timeout(Duration::from_secs(2))
                     .with_timeout(Duration::from_secs(30)),
             )

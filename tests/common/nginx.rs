@@ -32,6 +32,8 @@ impl RoundRobin {
             .arg(dir.path().join("error.log"))
             .arg("-c")
             .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("nginx runs");
@@ -53,8 +55,25 @@ impl RoundRobin {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// A fast shutdown (SIGTERM): the master takes its worker with it, which SIGKILL would
+    /// leave behind.
     pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        self.terminate();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+
+    fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+impl Drop for RoundRobin {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 
