@@ -12,8 +12,9 @@ use crate::access::{Access, AccessError};
 use crate::api::Api;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::mirror::Mirror;
+use crate::mirror::{uploader, CommitHook, Mirror, UPLOAD_QUEUE};
 use crate::redis::Redis;
+use crate::store::object::{ObjectTier, ObjectTierError};
 use crate::store::{Store, StoreError};
 use crate::tags::{RedisTags, TagError, Tags};
 use crate::tls::{TlsError, TlsState};
@@ -23,6 +24,9 @@ use crate::upstream::{CredentialError, Pool, Timeouts};
 pub enum BuildError {
     #[error("storage.path: cannot open the store: {0}")]
     Store(#[from] StoreError),
+    /// The object tier (`storage.s3`): its message names the key to fix.
+    #[error(transparent)]
+    ObjectTier(#[from] ObjectTierError),
     #[error("cache.redis: {0}")]
     Redis(#[from] TagError),
     #[error(transparent)]
@@ -40,6 +44,9 @@ pub struct App {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub store: Arc<Store>,
+    /// The object tier below the disk (`storage.s3`), if configured; the mirror's uploader holds
+    /// it too.
+    pub object_tier: Option<Arc<ObjectTier>>,
     pub mirror: Arc<Mirror>,
     /// The shared Redis (`cache.redis`), if configured.
     pub redis: Option<Redis>,
@@ -62,6 +69,14 @@ impl App {
             let metrics = Arc::clone(&metrics);
             tokio::task::spawn_blocking(move || Store::open(&path, options, metrics)).await??
         };
+        // Refused here (a missing bucket, refused credentials) rather than on the first pull; an
+        // unreachable endpoint is not refused: the tier starts down and is probed.
+        let object_tier = match &config.storage.s3 {
+            Some(s3) => Some(Arc::new(
+                ObjectTier::connect(s3, Arc::clone(&metrics)).await?,
+            )),
+            None => None,
+        };
         // One Redis handle (one multiplexed connection) for everything that shares state
         // across replicas: the tag cache now, coordination and control-plane events next.
         let redis = match &config.cache.redis {
@@ -77,18 +92,18 @@ impl App {
             },
             Arc::clone(&metrics),
         );
-        let mirror = Arc::new(Mirror::new(
-            config,
-            Arc::clone(&store),
-            tags,
-            pool,
-            Arc::clone(&metrics),
-        )?);
+        let mut mirror = Mirror::new(config, Arc::clone(&store), tags, pool, Arc::clone(&metrics))?;
+        if let (Some(tier), Some(s3)) = (&object_tier, &config.storage.s3) {
+            let consumer = uploader(Arc::clone(tier), Arc::clone(&store), s3.max_uploads);
+            mirror = mirror.with_commit_hook(CommitHook::spawn(UPLOAD_QUEUE, consumer));
+        }
+        let mirror = Arc::new(mirror);
         let access = match &config.auth {
             Some(auth) => Some(Arc::new(Access::load(auth)?)),
             None => None,
         };
-        let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone());
+        let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone())
+            .with_cluster(config.cluster.as_ref());
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(TlsState::load(files)?)),
             None => None,
@@ -97,6 +112,7 @@ impl App {
             config: config.clone(),
             metrics,
             store,
+            object_tier,
             mirror,
             redis,
             api,

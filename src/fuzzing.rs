@@ -79,9 +79,18 @@ pub fn route(data: &[u8]) {
             trimmed.contains("/blobs/uploads"),
             "{path:?} is not an upload"
         ),
+        Route::PeerBlob { digest } => {
+            assert_eq!(
+                format!("{}{digest}", crate::cluster::PEER_BLOBS_PATH),
+                path,
+                "{path:?} routed to {route:?}"
+            );
+            assert!(!digest.is_empty() && !digest.contains('/'), "{path:?}");
+            let _ = Digest::parse(digest);
+        }
         Route::NotFound => {}
     }
-    if !path.starts_with("/v2") {
+    if !path.starts_with("/v2") && !matches!(route, Route::PeerBlob { .. }) {
         assert_eq!(route, Route::NotFound, "{path:?} is outside /v2");
     }
 }

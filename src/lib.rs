@@ -11,6 +11,7 @@ pub mod access;
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;

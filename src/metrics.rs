@@ -82,6 +82,35 @@ pub struct Metrics {
     pub repository_checks: IntCounterVec,
     /// Requests refused because their client was over `limits.requests_per_second_per_client`.
     pub client_rate_limited: IntCounter,
+    /// Object tier (`storage.s3`) lookups by kind (`blob`, `manifest`) and outcome (`hit`,
+    /// `miss`, `error`; an error is served as a miss).
+    pub object_tier_lookups: IntCounterVec,
+    /// Bytes read from the object tier.
+    pub object_tier_read_bytes: IntCounter,
+    /// Bytes uploaded to the object tier.
+    pub object_tier_uploaded_bytes: IntCounter,
+    /// Blob uploads by result (`uploaded`, `present`: the key existed, `gone`: evicted from the
+    /// disk before its turn, `failed`: every attempt failed).
+    pub object_tier_uploads: IntCounterVec,
+    /// Failed object tier operations, by operation (`probe`, `read`, `head`, `upload`, `delete`,
+    /// `list`).
+    pub object_tier_errors: IntCounterVec,
+    /// Blobs waiting for an upload or being uploaded.
+    pub object_tier_upload_backlog: IntGauge,
+    /// Committed blobs never uploaded because the upload backlog was full.
+    pub object_tier_uploads_dropped: IntCounter,
+    /// 1 while the object tier answers, 0 while it is skipped as down.
+    pub object_tier_up: IntGauge,
+    /// Blobs deleted from the object tier to keep it under `storage.s3.max_size`.
+    pub object_tier_evictions: IntCounter,
+    /// Blob bodies this replica served to peers on its cluster route.
+    pub cluster_peer_streams_served: IntCounter,
+    /// Blob bodies this replica opened on a peer that was downloading them.
+    pub cluster_peer_streams_followed: IntCounter,
+    /// Download lease claims by outcome (`owned`, `held_by_peer`, `redis_unavailable`).
+    pub cluster_lease_claims: IntCounterVec,
+    /// Lease renewals that got no answer from Redis (the lease may lapse to another replica).
+    pub cluster_lease_renew_failures: IntCounter,
 }
 
 impl Metrics {
@@ -202,6 +231,62 @@ impl Metrics {
             client_rate_limited: counter(
                 "gantry_client_rate_limited_total",
                 "Client requests answered 429 because their client was over limits.requests_per_second_per_client.",
+            ),
+            object_tier_lookups: counter_vec(
+                "gantry_object_tier_lookups_total",
+                "Object tier lookups by kind (blob, manifest) and outcome (hit, miss, error; an error is served as a miss).",
+                &["kind", "outcome"],
+            ),
+            object_tier_read_bytes: counter(
+                "gantry_object_tier_read_bytes_total",
+                "Bytes read from the object tier.",
+            ),
+            object_tier_uploaded_bytes: counter(
+                "gantry_object_tier_uploaded_bytes_total",
+                "Bytes uploaded to the object tier.",
+            ),
+            object_tier_uploads: counter_vec(
+                "gantry_object_tier_uploads_total",
+                "Blob uploads to the object tier by result (uploaded, present, gone, failed).",
+                &["result"],
+            ),
+            object_tier_errors: counter_vec(
+                "gantry_object_tier_errors_total",
+                "Failed object tier operations, by operation.",
+                &["operation"],
+            ),
+            object_tier_upload_backlog: gauge(
+                "gantry_object_tier_upload_backlog",
+                "Committed blobs waiting for their upload to the object tier or being uploaded.",
+            ),
+            object_tier_uploads_dropped: counter(
+                "gantry_object_tier_uploads_dropped_total",
+                "Committed blobs never uploaded to the object tier because the upload backlog was full.",
+            ),
+            object_tier_up: gauge(
+                "gantry_object_tier_up",
+                "1 while the object tier answers, 0 while it is skipped as down.",
+            ),
+            object_tier_evictions: counter(
+                "gantry_object_tier_evictions_total",
+                "Blobs deleted from the object tier to stay under storage.s3.max_size.",
+            ),
+            cluster_peer_streams_served: counter(
+                "gantry_cluster_peer_streams_served_total",
+                "Blob bodies served to peer replicas on the cluster route (stored or still downloading).",
+            ),
+            cluster_peer_streams_followed: counter(
+                "gantry_cluster_peer_streams_followed_total",
+                "Blob bodies opened on a peer replica that owned their download, instead of the upstream.",
+            ),
+            cluster_lease_claims: counter_vec(
+                "gantry_cluster_lease_claims_total",
+                "Blob download lease claims in Redis, by outcome (owned, held_by_peer, redis_unavailable: downloading alone).",
+                &["outcome"],
+            ),
+            cluster_lease_renew_failures: counter(
+                "gantry_cluster_lease_renew_failures_total",
+                "Download lease renewals Redis did not answer; the lease lapses after cluster.lease_ttl without one.",
             ),
             registry,
         }

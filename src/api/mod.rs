@@ -5,6 +5,7 @@
 
 mod counted;
 mod errors;
+mod peer;
 mod query;
 mod range;
 mod responses;
@@ -22,6 +23,7 @@ pub use responses::{too_many_requests, ResponseBody};
 pub use route::Route;
 
 use crate::access::{Access, Identity};
+use crate::config::{ClusterConfig, Secret};
 use crate::metrics::Metrics;
 use crate::mirror::{BlobSource, Mirror, MirrorError, Target};
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
@@ -38,6 +40,8 @@ pub struct Api {
     metrics: Arc<Metrics>,
     /// Client authentication and pull rules; `None` lets everyone pull.
     access: Option<Arc<Access>>,
+    /// `cluster.secret`: with it the peer route is served (see `peer`), without it it is a 404.
+    cluster_secret: Option<Secret>,
 }
 
 /// What a request was and how it was answered, for the request log line and metrics.
@@ -55,7 +59,14 @@ impl Api {
             mirror,
             metrics,
             access,
+            cluster_secret: None,
         }
+    }
+
+    /// Serves the peer route to replicas presenting `cluster.secret` (no-op for `None`).
+    pub fn with_cluster(mut self, cluster: Option<&ClusterConfig>) -> Self {
+        self.cluster_secret = cluster.map(|cluster| cluster.secret.clone());
+        self
     }
 
     /// Applies the pull rules to a resolved repository.
@@ -76,6 +87,14 @@ impl Api {
 
     pub async fn handle<B>(&self, request: Request<B>) -> (Response<ResponseBody>, Outcome) {
         let route = Route::parse(request.uri().path());
+        // Peers authenticate with the cluster secret, never with the client-facing htpasswd.
+        if let Route::PeerBlob { digest } = &route {
+            let (mut response, outcome) = self.peer_blob(&route, digest, &request).await;
+            response
+                .headers_mut()
+                .insert("docker-distribution-api-version", API_VERSION);
+            return (response, outcome);
+        }
         let mut outcome = Outcome {
             route: route.label(),
             cache: "-",
@@ -119,7 +138,7 @@ impl Api {
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, MirrorError> {
         let method = request.method();
-        if matches!(route, Route::NotFound) {
+        if matches!(route, Route::NotFound | Route::PeerBlob { .. }) {
             return Ok(not_found());
         }
         if method != Method::GET && method != Method::HEAD {
@@ -178,7 +197,11 @@ impl Api {
                     .await
             }
             // `repository()` is `None` for these: answered by `registry_route` above.
-            Route::Base | Route::Upload | Route::Catalog | Route::NotFound => Ok(not_found()),
+            Route::Base
+            | Route::Upload
+            | Route::Catalog
+            | Route::PeerBlob { .. }
+            | Route::NotFound => Ok(not_found()),
         }
     }
 
@@ -212,6 +235,7 @@ impl Api {
             .into()),
             // Answered before routing; the repository routes never come here.
             Route::NotFound
+            | Route::PeerBlob { .. }
             | Route::Manifest { .. }
             | Route::Blob { .. }
             | Route::TagsList { .. }

@@ -1,5 +1,7 @@
-//! `/v2/` paths → typed routes. Only the shape is checked here; names, tags and digests are
-//! validated by the `oci` grammar before anything uses them.
+//! `/v2/` paths (and the cluster's peer route) → typed routes. Only the shape is checked here;
+//! names, tags and digests are validated by the `oci` grammar before anything uses them.
+
+use crate::cluster::PEER_BLOBS_PATH;
 
 /// What a request path asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,11 +26,24 @@ pub enum Route {
     /// `/v2/<name>/blobs/uploads/...`: push only.
     Upload,
     Catalog,
+    /// `/_gantry/cluster/v1/blobs/<digest>`: another replica reading a blob this one holds or is
+    /// downloading (answered only with `cluster:` configured, to the cluster secret).
+    PeerBlob {
+        digest: String,
+    },
     NotFound,
 }
 
 impl Route {
     pub fn parse(path: &str) -> Self {
+        if let Some(digest) = path.strip_prefix(PEER_BLOBS_PATH) {
+            if digest.is_empty() || digest.contains('/') {
+                return Route::NotFound;
+            }
+            return Route::PeerBlob {
+                digest: digest.to_owned(),
+            };
+        }
         let Some(rest) = path.strip_prefix("/v2") else {
             return Route::NotFound;
         };
@@ -79,7 +94,11 @@ impl Route {
             | Route::Blob { name, .. }
             | Route::TagsList { name }
             | Route::Referrers { name, .. } => Some(name),
-            Route::Base | Route::Upload | Route::Catalog | Route::NotFound => None,
+            Route::Base
+            | Route::Upload
+            | Route::Catalog
+            | Route::PeerBlob { .. }
+            | Route::NotFound => None,
         }
     }
 
@@ -93,6 +112,7 @@ impl Route {
             Route::Referrers { .. } => "referrers",
             Route::Upload => "upload",
             Route::Catalog => "catalog",
+            Route::PeerBlob { .. } => "peer_blob",
             Route::NotFound => "not_found",
         }
     }
@@ -168,6 +188,22 @@ mod tests {
         assert_eq!(Route::parse("/v2x"), Route::NotFound);
         assert_eq!(Route::parse("/v2/a/manifests"), Route::NotFound);
         assert_eq!(Route::parse("/metrics"), Route::NotFound);
+        assert_eq!(
+            Route::parse("/_gantry/cluster/v1/blobs/sha256:abc"),
+            Route::PeerBlob {
+                digest: "sha256:abc".into()
+            }
+        );
+        assert_eq!(Route::parse("/_gantry/cluster/v1/blobs/"), Route::NotFound);
+        assert_eq!(
+            Route::parse("/_gantry/cluster/v1/blobs/a/b"),
+            Route::NotFound
+        );
+        assert_eq!(Route::parse("/_gantry/cluster/v1/blobs"), Route::NotFound);
+        assert_eq!(
+            Route::parse("/_gantry/cluster/v1/blobs/sha256:abc").repository(),
+            None
+        );
         // Traversal reaches the name grammar, which rejects it.
         assert_eq!(
             Route::parse("/v2/../x/manifests/latest"),

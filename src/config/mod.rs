@@ -3,12 +3,16 @@
 //! Parsed once at start-up into typed structs; unknown keys and impossible values are errors that
 //! name the key and the line. Nothing downstream re-reads or re-validates configuration.
 
+mod cluster;
+mod object_tier;
 mod values;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use cluster::ClusterConfig;
+pub use object_tier::{ObjectTierConfig, DEFAULT_MAX_UPLOADS};
 pub use values::{substitute_env, BaseUrl, ByteSize, ListenAddr, Network, Seconds, Secret, Text};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -35,6 +39,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: Log,
+    /// Replicas sharing one Redis that fetch each blob from the upstream once between them.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -85,6 +91,8 @@ pub struct Storage {
     /// Serve blobs from memory mappings of their files. Off for network filesystems: there a
     /// read error on a mapped page kills the process (SIGBUS) instead of failing one request.
     pub mmap: bool,
+    /// The object tier below the local disk: S3-compatible storage shared by replicas.
+    pub s3: Option<ObjectTierConfig>,
 }
 
 impl Storage {
@@ -377,6 +385,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log: Log::default(),
+            cluster: None,
         }
     }
 }
@@ -387,6 +396,7 @@ impl Default for Storage {
             path: PathBuf::from("./data"),
             max_size: None,
             mmap: true,
+            s3: None,
         }
     }
 }
@@ -507,6 +517,9 @@ impl Config {
                 "storage.max_size: must be more than 0 (leave it out for no limit)".to_owned(),
             );
         }
+        if let Some(s3) = &self.storage.s3 {
+            s3.problems(&mut problems);
+        }
         let client_auth = self.auth.is_some();
         self.mirroring.access().problems(&mut problems, client_auth);
         if let Some(redis) = &self.cache.redis {
@@ -563,6 +576,13 @@ impl Config {
             problems.push("limits.max_connections: must be at least 1".to_owned());
         }
         self.limits.problems(&mut problems);
+        if let Some(cluster) = &self.cluster {
+            cluster.problems(
+                self.cache.redis.is_some(),
+                self.tls.is_some(),
+                &mut problems,
+            );
+        }
         if self.limits.max_manifest_size.0 < 4 << 20 {
             problems.push(
                 "limits.max_manifest_size: must be at least 4MiB (manifests of 4 MB are common)"

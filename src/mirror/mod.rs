@@ -19,10 +19,12 @@ mod hook;
 mod listing;
 mod manifests;
 mod origin;
+mod peer;
 mod registries;
 mod resume;
 mod scope;
 mod send;
+mod upload;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +38,7 @@ pub use listing::Passthrough;
 pub use manifests::Manifest;
 pub use registries::{Registry, Target};
 pub(crate) use send::upstream_failure;
+pub use upload::{uploader, UPLOAD_QUEUE};
 
 use crate::config::Config;
 use crate::metrics::Metrics;

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (store writable;
-//! Redis reachable when configured, though a Redis outage only degrades, it does not unready).
+//! Redis reachable when configured, though a Redis outage only degrades, it does not unready; the
+//! object tier's state is shown the same way: down, local disk and upstreams still serve).
 
 use std::sync::Arc;
 
@@ -11,16 +12,28 @@ use http_body_util::{BodyExt, Full};
 use crate::api::ResponseBody;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
+use crate::store::object::ObjectTier;
 
 #[derive(Clone)]
 pub struct Admin {
     mirror: Arc<Mirror>,
     metrics: Arc<Metrics>,
+    object_tier: Option<Arc<ObjectTier>>,
 }
 
 impl Admin {
     pub fn new(mirror: Arc<Mirror>, metrics: Arc<Metrics>) -> Self {
-        Self { mirror, metrics }
+        Self {
+            mirror,
+            metrics,
+            object_tier: None,
+        }
+    }
+
+    /// Shows `tier`'s state in `/readyz`.
+    pub fn with_object_tier(mut self, tier: Option<Arc<ObjectTier>>) -> Self {
+        self.object_tier = tier;
+        self
     }
 
     pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody> {
@@ -47,10 +60,20 @@ impl Admin {
             Some(true) => "ok",
             Some(false) => "unreachable (degraded: memory tag cache only)",
         };
+        // Never a reason to be unready: a pull the tier cannot serve comes from the upstream.
+        let object_tier = match self.object_tier.as_deref().map(ObjectTier::health) {
+            None => "not configured".to_owned(),
+            Some(health) if health.up => "up".to_owned(),
+            Some(health) => format!(
+                "down (degraded: local disk and upstreams only): {}",
+                health.last_error.as_deref().unwrap_or("no answer yet")
+            ),
+        };
         let body = serde_json::json!({
             "ready": store_ok,
             "store": if store_ok { "writable" } else { "not writable" },
             "redis": redis,
+            "object_tier": object_tier,
         });
         let status = if store_ok {
             StatusCode::OK

@@ -92,6 +92,7 @@ pub async fn serve(app: App) -> Result<Running, StartError> {
         config,
         metrics,
         mirror,
+        object_tier,
         api,
         access,
         tls,
@@ -148,7 +149,8 @@ pub async fn serve(app: App) -> Result<Running, StartError> {
         )));
     }
     if let Some(admin_listener) = admin_listener {
-        let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics));
+        let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics))
+            .with_object_tier(object_tier);
         let handler = move |_peer: SocketAddr, request: Request<Incoming>| {
             let admin = admin.clone();
             async move { Ok::<_, Infallible>(admin.handle(request).await) }

@@ -20,6 +20,7 @@ mod body;
 pub mod catalogue;
 mod links;
 mod mapped;
+pub mod object;
 mod writer;
 
 use std::collections::HashMap;
