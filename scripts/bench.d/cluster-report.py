@@ -42,12 +42,13 @@ def load(path):
 
 
 def advantage(gantry, other, better):
-    """How many times better gantry is (>1: gantry better); None where a zero makes it undefined."""
+    """How many times better gantry is (>1: gantry better); None where a zero on either side makes
+    a ratio say nothing (0 upstream GETs against 12 is "none against some", not 0.00x)."""
     if not isinstance(gantry, (int, float)) or not isinstance(other, (int, float)):
         return None
-    if better == "higher":
-        return gantry / other if other else None
-    return other / gantry if gantry else None
+    if not gantry or not other:
+        return None
+    return gantry / other if better == "higher" else other / gantry
 
 
 def fmt(value):
@@ -93,7 +94,7 @@ def markdown(meta, peers, order):
                f"{blobs} blob GETs, {mib} MiB, for the whole cluster). Warm: replicas restarted, gantry's local "
                f"tiers wiped; MiB/s is {meta.get('clients')} x {mib} MiB over the wall time. CPU: user + system "
                "seconds of the replicas, summed. `gantry vs X`: above 1.00x gantry is better; — where a zero "
-               "makes the ratio undefined.")
+               "on either side makes a ratio meaningless (compare the counts).")
     out.append("")
     out.extend(lines)
     extra = []

@@ -51,9 +51,12 @@ GARAGE=$(garage_binary)
 command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 ||
   die "the cluster scenario needs redis-server and redis-cli: apt-get install redis-server"
 
-# s3 METHOD BUCKET [QUERY]: one signed request to Garage (curl's SigV4); the body on stdout.
+# s3 METHOD BUCKET [QUERY]: one signed request to Garage (curl's SigV4; Garage wants the body's
+# hash, here the empty body's); the body on stdout.
+EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 s3() {
-  curl -s --max-time 10 --fail -X "$1" --aws-sigv4 "aws:amz:$S3_REGION:s3" -u "$S3_KEY:$S3_SECRET" \
+  curl -s --max-time 10 --fail -X "$1" -H "x-amz-content-sha256: $EMPTY_SHA256" \
+    --aws-sigv4 "aws:amz:$S3_REGION:s3" -u "$S3_KEY:$S3_SECRET" \
     "http://127.0.0.1:$S3_PORT/$2${3:+?$3}"
 }
 
