@@ -1,7 +1,7 @@
 //! The composition root: everything gantry is made of, built once from a validated [`Config`]
 //! and handed to [`crate::server`] to serve. Building is kept apart from serving so the parts
 //! can be built without binding a port (by the control plane's commands, by tests), and so the
-//! next parts (a coordinator, the object tier, the catalogue) have one place to be wired.
+//! parts (the object tier, the cluster's leases and peers, the catalogue) have one place to be wired.
 //!
 //! What fails here is the environment (an unwritable store, a bad certificate, an unreadable
 //! htpasswd file); bad configuration was refused when the config was loaded.
@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use crate::access::{Access, AccessError};
 use crate::api::Api;
+use crate::cluster::{Leases, Peers};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::mirror::{uploader, CommitHook, Mirror, UPLOAD_QUEUE};
+use crate::mirror::{uploader, Cluster, CommitHook, Mirror, UPLOAD_QUEUE};
 use crate::redis::Redis;
 use crate::store::object::{ObjectTier, ObjectTierError};
 use crate::store::{Store, StoreError};
@@ -95,7 +96,16 @@ impl App {
         let mut mirror = Mirror::new(config, Arc::clone(&store), tags, pool, Arc::clone(&metrics))?;
         if let (Some(tier), Some(s3)) = (&object_tier, &config.storage.s3) {
             let consumer = uploader(Arc::clone(tier), Arc::clone(&store), s3.max_uploads);
-            mirror = mirror.with_commit_hook(CommitHook::spawn(UPLOAD_QUEUE, consumer));
+            mirror = mirror
+                .with_commit_hook(CommitHook::spawn(UPLOAD_QUEUE, consumer))
+                .with_object_tier(Arc::clone(tier));
+        }
+        // Validation admits `cluster` only with `cache.redis`.
+        if let (Some(cluster), Some(redis)) = (&config.cluster, &redis) {
+            mirror = mirror.with_cluster(Cluster {
+                leases: Leases::new(redis.clone(), cluster, Arc::clone(&metrics)),
+                peers: Arc::new(Peers::new(cluster, Arc::clone(&metrics))),
+            });
         }
         let mirror = Arc::new(mirror);
         let access = match &config.auth {

@@ -98,6 +98,102 @@ fn deploy_config(relative: &str) -> Config {
     gantry_config(&read(relative), relative)
 }
 
+/// The keys the issue's contract gives `storage.s3` and `cluster` (#14); other tests rely on them.
+const S3_KEYS: &[&str] = &[
+    "endpoint",
+    "bucket",
+    "region",
+    "prefix",
+    "access_key_id",
+    "secret_access_key",
+    "allow_http",
+    "max_size",
+    "max_uploads",
+];
+const CLUSTER_KEYS: &[&str] = &["advertise_url", "secret", "lease_ttl"];
+
+/// Whether this build's config knows `storage.s3` and `cluster:` (they land with the object tier
+/// and the cluster, #14). Until then [`fleet_config`] checks those sections' keys against the
+/// contract and validates the rest; from then on gantry validates the whole file.
+fn config_knows_fleet_sections() -> bool {
+    let probe = "storage:\n  path: /var/lib/gantry\n  s3:\n    bucket: gantry\n";
+    Config::from_yaml(probe, Path::new("probe.yaml")).is_ok()
+}
+
+/// A fleet's gantry config (`storage.s3`, `cluster`) validated by gantry, given the environment
+/// its workload sets (`name → value`; a value from a Secret is any non-empty placeholder).
+/// Every `_env:` key without a default must be one the workload sets, so the file cannot start
+/// with a variable missing. Returns the config and the raw YAML, whose `storage.s3` and
+/// `cluster` values the callers compare with the rest of the deployment.
+fn fleet_config(text: &str, origin: &str, env: &BTreeMap<String, String>) -> (Config, Value) {
+    for line in text.lines() {
+        let code = line.split('#').next().unwrap_or("");
+        if let Some(at) = code.find("_env:") {
+            let spec = code[at + "_env:".len()..].trim();
+            let name = spec.split(':').next().unwrap();
+            assert!(
+                spec.contains(':') || env.contains_key(name),
+                "{origin}: `{}` has no default and the workload does not set {name}",
+                line.trim()
+            );
+        }
+    }
+    let raw: Value = serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{origin}: {e}"));
+    for (section, allowed) in [
+        (&raw["storage"]["s3"], S3_KEYS),
+        (&raw["cluster"], CLUSTER_KEYS),
+    ] {
+        let keys = section
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{origin}: storage.s3 and cluster are sections"));
+        for key in keys.keys() {
+            let key = str_of(key, "key");
+            assert!(
+                allowed.contains(&key),
+                "{origin}: `{key}` is not in the contract"
+            );
+        }
+    }
+    for key in ["bucket", "access_key_id", "secret_access_key"] {
+        assert!(
+            raw["storage"]["s3"][key].is_string(),
+            "{origin}: storage.s3.{key}"
+        );
+    }
+    for key in ["advertise_url", "secret"] {
+        assert!(raw["cluster"][key].is_string(), "{origin}: cluster.{key}");
+    }
+    let validated = if config_knows_fleet_sections() {
+        for (name, value) in env {
+            std::env::set_var(name, value);
+        }
+        text.to_owned()
+    } else {
+        let mut rest = raw.clone();
+        rest["storage"].as_mapping_mut().unwrap().remove("s3");
+        rest.as_mapping_mut().unwrap().remove("cluster");
+        serde_yaml::to_string(&rest).unwrap()
+    };
+    let config = Config::from_yaml(&validated, Path::new(origin))
+        .unwrap_or_else(|e| panic!("{origin}: {e}"));
+    (config, raw)
+}
+
+/// The value an `_env:NAME[:default]` config entry takes in `env` (or its default).
+fn resolve<'a>(raw: &'a Value, env: &'a BTreeMap<String, String>, what: &str) -> &'a str {
+    let text = str_of(raw, what);
+    let Some(spec) = text.strip_prefix("_env:") else {
+        return text;
+    };
+    let (name, default) = spec
+        .split_once(':')
+        .map_or((spec, None), |(n, d)| (n, Some(d)));
+    env.get(name)
+        .map(String::as_str)
+        .or(default)
+        .unwrap_or_else(|| panic!("{what}: {name} is not set"))
+}
+
 /// The gantry config carried by the Kubernetes ConfigMap.
 fn configmap_config() -> Config {
     let configmap = kubernetes_objects()
@@ -145,9 +241,14 @@ fn every_yaml_file_parses() {
         "deploy/prometheus.yml",
         "deploy/gantry.yaml",
         "deploy/gantry-redis.yaml",
+        "deploy/gantry-fleet.yaml",
         "deploy/systemd/gantry.yaml",
         "deploy/kubernetes/kustomization.yaml",
         "deploy/kubernetes/statefulset.yaml",
+        "deploy/kubernetes/redis/redis.yaml",
+        "deploy/kubernetes/fleet/kustomization.yaml",
+        "deploy/kubernetes/fleet/deployment.yaml",
+        "deploy/kubernetes/fleet/hpa.yaml",
         "grafana/provisioning/datasources/prometheus.yaml",
         "grafana/provisioning/dashboards/gantry.yaml",
     ] {
@@ -412,6 +513,53 @@ fn compose_volume(entry: &Value) -> (String, String) {
     (source, target.to_owned())
 }
 
+/// A compose service's environment as its containers see it: `${NAME:-default}` is the default,
+/// `${NAME:?message}` (required) a placeholder, as if the operator set it.
+fn compose_env(service: &Value) -> BTreeMap<String, String> {
+    service["environment"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .map(|(name, value)| {
+            let name = str_of(name, "variable").to_owned();
+            let value = str_of(value, &name);
+            let value = match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+                Some(spec) => match spec.split_once(":-") {
+                    Some((_, default)) => default.to_owned(),
+                    None if spec.contains(":?") => format!("set-by-the-operator-{name}"),
+                    None => panic!("{name}: `{value}` has no default"),
+                },
+                None => value.to_owned(),
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// `section → key → string value` of a flat TOML file like garage.toml (top-level keys under
+/// `""`); enough to compare its addresses and paths with the compose file's.
+fn toml_sections(text: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut sections: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut section = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not `key = value`: {line}"));
+        sections.entry(section.clone()).or_default().insert(
+            key.trim().to_owned(),
+            value.trim().trim_matches('"').to_owned(),
+        );
+    }
+    sections
+}
+
 fn nginx_upstream_servers(conf: &str) -> Vec<String> {
     conf.lines()
         .map(str::trim)
@@ -467,6 +615,8 @@ fn compose_services_agree_with_each_other() {
     assert_eq!(gantries.len(), 3, "three replicas: {gantries:?}");
     let mut stores = BTreeSet::new();
     let mut config_port = None;
+    let mut cluster_secrets = BTreeSet::new();
+    let mut object_tiers = BTreeSet::new();
     for name in &gantries {
         let service = &services[name.as_str()];
         let build = &service["build"];
@@ -477,18 +627,41 @@ fn compose_services_agree_with_each_other() {
                 .is_file(),
             "{name}: the Dockerfile"
         );
+        let env = compose_env(service);
         let mut config = None;
         let mut store = None;
         for entry in seq(&service["volumes"], "volumes") {
             let (source, target) = compose_volume(entry);
             if target == "/etc/gantry/gantry.yaml" {
                 let file = format!("deploy/{}", source.trim_start_matches("./"));
-                config = Some(deploy_config(&file));
+                config = Some(fleet_config(&read(&file), &file, &env));
             } else {
                 store = Some((source, target));
             }
         }
-        let config = config.unwrap_or_else(|| panic!("{name}: mounts a config"));
+        let (config, raw) = config.unwrap_or_else(|| panic!("{name}: mounts a config"));
+
+        // The fleet: each replica advertises its own service name and client port; all share one
+        // cluster secret and one object tier, compose's Garage.
+        let advertised = resolve(&raw["cluster"]["advertise_url"], &env, "advertise_url");
+        assert_eq!(
+            advertised,
+            format!("http://{name}:{}", port(&config.listen)),
+            "{name}: cluster.advertise_url is its own client port"
+        );
+        cluster_secrets
+            .insert(str_of(&service["environment"]["GANTRY_CLUSTER_SECRET"], "secret").to_owned());
+        let s3 = &raw["storage"]["s3"];
+        object_tiers.insert(
+            [
+                "endpoint",
+                "bucket",
+                "region",
+                "access_key_id",
+                "secret_access_key",
+            ]
+            .map(|key| resolve(&s3[key], &env, key).to_owned()),
+        );
         let (volume, target) = store.unwrap_or_else(|| panic!("{name}: a store volume"));
         assert_eq!(
             Path::new(&target),
@@ -516,6 +689,76 @@ fn compose_services_agree_with_each_other() {
         config_port = Some((port(&config.listen), admin_port(&config)));
     }
     let (api_port, admin) = config_port.unwrap();
+    assert_eq!(
+        cluster_secrets.len(),
+        1,
+        "one cluster secret: {cluster_secrets:?}"
+    );
+    assert!(
+        cluster_secrets
+            .iter()
+            .all(|s| s.starts_with("${GANTRY_CLUSTER_SECRET:?") && s.matches('$').count() == 1),
+        "compose refuses to start without a cluster secret (no default): {cluster_secrets:?}"
+    );
+    assert_eq!(object_tiers.len(), 1, "one object tier: {object_tiers:?}");
+    let [endpoint, bucket, region, key_id, secret] = object_tiers.pop_first().unwrap();
+
+    // Garage: the object tier's endpoint, region, key and bucket are the ones it is started with.
+    let garage = &services["garage"];
+    assert!(str_of(&garage["image"], "garage image").starts_with("dxflrs/garage:v2."));
+    let command: Vec<&str> = seq(&garage["command"], "garage command")
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
+    assert!(
+        command.ends_with(&["server", "--single-node", "--default-bucket"]),
+        "garage sets up its layout, key and bucket at start: {command:?}"
+    );
+    let garage_env = &garage["environment"];
+    let garage_config = toml_sections(&read("deploy/garage.toml"));
+    let s3_addr = &garage_config["s3_api"]["api_bind_addr"];
+    let s3_port = s3_addr.rsplit(':').next().unwrap();
+    assert_eq!(
+        endpoint,
+        format!("http://garage:{s3_port}"),
+        "storage.s3.endpoint"
+    );
+    assert_eq!(
+        region, garage_config["s3_api"]["s3_region"],
+        "storage.s3.region"
+    );
+    assert_eq!(
+        bucket,
+        str_of(&garage_env["GARAGE_DEFAULT_BUCKET"], "bucket")
+    );
+    let env_of = |service: &str, name: &str| {
+        compose_env(&services[service])
+            .remove(name)
+            .unwrap_or_default()
+    };
+    assert_eq!(key_id, env_of("garage", "GARAGE_DEFAULT_ACCESS_KEY"));
+    assert_eq!(secret, env_of("garage", "GARAGE_DEFAULT_SECRET_KEY"));
+    let rpc_secret = env_of("garage", "GARAGE_RPC_SECRET");
+    assert!(
+        rpc_secret.len() == 64 && rpc_secret.bytes().all(|b| b.is_ascii_hexdigit()),
+        "garage needs an RPC secret of 32 bytes in hex: {rpc_secret:?}"
+    );
+    let mounts: BTreeMap<String, String> = seq(&garage["volumes"], "garage volumes")
+        .iter()
+        .map(compose_volume)
+        .map(|(source, target)| (target, source))
+        .collect();
+    assert_eq!(
+        mounts.get("/etc/garage.toml").map(String::as_str),
+        Some("./garage.toml")
+    );
+    for dir in ["metadata_dir", "data_dir"] {
+        let path = &garage_config[""][dir];
+        assert!(
+            mounts.get(path).is_some_and(|v| named_volumes.contains(v)),
+            "garage's {dir} {path} is on a named volume"
+        );
+    }
 
     // nginx hashes to exactly the replicas, on their API port.
     let nginx = &services["nginx"];
@@ -667,19 +910,71 @@ fn nginx_accepts_the_config() {
 
 // ---- Kubernetes -------------------------------------------------------------------------------
 
+/// The StatefulSet variant's objects.
 fn kubernetes_objects() -> Vec<Value> {
-    let kustomization = document("deploy/kubernetes/kustomization.yaml");
+    kustomize_objects("deploy/kubernetes")
+}
+
+/// Every object a kustomization lists: its files' documents, and those of the kustomizations in
+/// the directories it lists (`../redis`).
+fn kustomize_objects(dir: &str) -> Vec<Value> {
+    let kustomization = document(&format!("{dir}/kustomization.yaml"));
     seq(&kustomization["resources"], "kustomization resources")
         .iter()
         .flat_map(|resource| {
-            let file = format!(
-                "deploy/kubernetes/{}",
-                str_of(resource, "kustomization resource")
-            );
-            assert!(repo().join(&file).is_file(), "{file} is missing");
-            documents(&file)
+            let path = format!("{dir}/{}", str_of(resource, "kustomization resource"));
+            if repo().join(&path).is_dir() {
+                kustomize_objects(&path)
+            } else {
+                assert!(repo().join(&path).is_file(), "{path} is missing");
+                documents(&path)
+            }
         })
         .collect()
+}
+
+/// Every workload: non-root, read-only root, no privilege escalation, requests and limits.
+fn assert_workloads_hardened(objects: &[Value]) {
+    for workload in objects
+        .iter()
+        .filter(|o| o["kind"] == "StatefulSet" || o["kind"] == "Deployment")
+    {
+        let name = str_of(&workload["metadata"]["name"], "name");
+        let pod = &workload["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+        for container in seq(&pod["containers"], "containers") {
+            let security = &container["securityContext"];
+            assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
+            assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
+            assert_eq!(security["capabilities"]["drop"][0], "ALL", "{name}");
+            for kind in ["requests", "limits"] {
+                for resource in ["cpu", "memory"] {
+                    assert!(
+                        !container["resources"][kind][resource].is_null(),
+                        "{name}: resources.{kind}.{resource}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every Service selects some workload's pods.
+fn assert_services_select_pods(objects: &[Value]) {
+    let workload_labels: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "StatefulSet" || o["kind"] == "Deployment")
+        .map(|o| &o["spec"]["template"]["metadata"]["labels"])
+        .collect();
+    for service in objects.iter().filter(|o| o["kind"] == "Service") {
+        assert!(
+            workload_labels
+                .iter()
+                .any(|labels| labels_match(&service["spec"]["selector"], labels)),
+            "Service {:?} selects no pods",
+            service["metadata"]["name"]
+        );
+    }
 }
 
 fn labels_match(selector: &Value, labels: &Value) -> bool {
@@ -713,20 +1008,7 @@ fn kubernetes_manifests_agree_with_each_other() {
     // The governing Service is headless; every Service selects some workload's pods.
     let headless = find("Service", str_of(&spec["serviceName"], "serviceName"));
     assert_eq!(headless["spec"]["clusterIP"], "None");
-    let workload_labels: Vec<&Value> = objects
-        .iter()
-        .filter(|o| o["kind"] == "StatefulSet" || o["kind"] == "Deployment")
-        .map(|o| &o["spec"]["template"]["metadata"]["labels"])
-        .collect();
-    for service in objects.iter().filter(|o| o["kind"] == "Service") {
-        assert!(
-            workload_labels
-                .iter()
-                .any(|labels| labels_match(&service["spec"]["selector"], labels)),
-            "Service {:?} selects no pods",
-            service["metadata"]["name"]
-        );
-    }
+    assert_services_select_pods(&objects);
 
     // gantry's container: its config from the ConfigMap, its store on the volume claim, its
     // ports those of the config, probes on the admin port.
@@ -798,29 +1080,7 @@ fn kubernetes_manifests_agree_with_each_other() {
         "terminationGracePeriodSeconds ({grace}) outlasts timeouts.shutdown"
     );
 
-    // Every workload: non-root, read-only root, no privilege escalation, requests and limits.
-    for workload in objects
-        .iter()
-        .filter(|o| o["kind"] == "StatefulSet" || o["kind"] == "Deployment")
-    {
-        let name = str_of(&workload["metadata"]["name"], "name");
-        let pod = &workload["spec"]["template"]["spec"];
-        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
-        for container in seq(&pod["containers"], "containers") {
-            let security = &container["securityContext"];
-            assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
-            assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
-            assert_eq!(security["capabilities"]["drop"][0], "ALL", "{name}");
-            for kind in ["requests", "limits"] {
-                for resource in ["cpu", "memory"] {
-                    assert!(
-                        !container["resources"][kind][resource].is_null(),
-                        "{name}: resources.{kind}.{resource}"
-                    );
-                }
-            }
-        }
-    }
+    assert_workloads_hardened(&objects);
 
     // The config's Redis is the Redis Service.
     let (host, redis_port) = redis_host_port(&config);
@@ -828,6 +1088,298 @@ fn kubernetes_manifests_agree_with_each_other() {
     assert!(seq(&redis["spec"]["ports"], "ports")
         .iter()
         .any(|p| p["port"].as_u64() == Some(u64::from(redis_port))));
+}
+
+/// Bytes of a Kubernetes quantity such as `20Gi` or `500M`.
+fn quantity_bytes(text: &str) -> u64 {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().unwrap_or_else(|_| panic!("quantity {text}"));
+    let scale: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => panic!("quantity {text}: unit {unit}"),
+    };
+    number * scale
+}
+
+/// The pod IP the fleet test stands in for the downward API's `status.podIP`.
+const POD_IP: &str = "10.1.2.3";
+
+/// A container's environment as Kubernetes builds it: in order, `$(NAME)` in a value replaced
+/// by an earlier variable (Kubernetes leaves a later or unknown one as written, which is a bug
+/// here), the downward API's pod IP as [`POD_IP`], a Secret's value as a placeholder. Returns
+/// the variables and the (Secret, key) pairs read.
+fn container_env(container: &Value) -> (BTreeMap<String, String>, BTreeSet<(String, String)>) {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let mut secrets = BTreeSet::new();
+    for entry in seq(&container["env"], "env") {
+        let name = str_of(&entry["name"], "env name").to_owned();
+        let value = if let Some(value) = entry["value"].as_str() {
+            let mut value = value.to_owned();
+            while let Some(at) = value.find("$(") {
+                let end = value[at..].find(')').expect("$(NAME)") + at;
+                let reference = value[at + 2..end].to_owned();
+                let resolved = env
+                    .get(&reference)
+                    .unwrap_or_else(|| panic!("{name}: $({reference}) is not defined before it"));
+                value.replace_range(at..=end, resolved);
+            }
+            value
+        } else if let Some(path) = entry["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            assert_eq!(path, "status.podIP", "{name}");
+            POD_IP.to_owned()
+        } else {
+            let secret = &entry["valueFrom"]["secretKeyRef"];
+            let key = str_of(&secret["key"], "secretKeyRef.key").to_owned();
+            secrets.insert((
+                str_of(&secret["name"], "secretKeyRef.name").to_owned(),
+                key.clone(),
+            ));
+            format!("https://from-the-secret.example/{key}-0123456789abcdef")
+        };
+        env.insert(name, value);
+    }
+    (env, secrets)
+}
+
+#[test]
+fn kubernetes_fleet_agrees_with_itself() {
+    let objects = kustomize_objects("deploy/kubernetes/fleet");
+    let find = |kind: &str, name: &str| -> &Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("fleet: {kind} {name}"))
+    };
+    assert_workloads_hardened(&objects);
+    assert_services_select_pods(&objects);
+    let deployment = find("Deployment", "gantry-fleet");
+    let spec = &deployment["spec"];
+    let pod = &spec["template"]["spec"];
+    let pod_labels = &spec["template"]["metadata"]["labels"];
+    assert!(labels_match(&spec["selector"]["matchLabels"], pod_labels));
+    let container = &seq(&pod["containers"], "containers")[0];
+    let (env, secrets) = container_env(container);
+
+    // The config: the ConfigMap mounted where --config points, every variable it needs set.
+    let args: Vec<&str> = seq(&container["args"], "args")
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--config")
+        .expect("--config");
+    let config_path = Path::new(args[at + 1]);
+    let mounts: BTreeMap<&str, &str> = seq(&container["volumeMounts"], "volumeMounts")
+        .iter()
+        .map(|m| {
+            (
+                str_of(&m["name"], "mount"),
+                str_of(&m["mountPath"], "mountPath"),
+            )
+        })
+        .collect();
+    let volumes = seq(&pod["volumes"], "volumes");
+    let config_volume = volumes
+        .iter()
+        .find(|v| v["configMap"].is_mapping())
+        .expect("a volume from a ConfigMap");
+    assert_eq!(
+        mounts
+            .get(str_of(&config_volume["name"], "volume name"))
+            .map(Path::new),
+        config_path.parent(),
+        "the ConfigMap is mounted where --config points"
+    );
+    let configmap = find(
+        "ConfigMap",
+        str_of(&config_volume["configMap"]["name"], "configMap name"),
+    );
+    let file = config_path.file_name().unwrap().to_str().unwrap();
+    let (config, raw) = fleet_config(
+        str_of(&configmap["data"][file], "the ConfigMap's gantry.yaml"),
+        "deploy/kubernetes/fleet/configmap.yaml",
+        &env,
+    );
+
+    // The local tier on an emptyDir at storage.path, bounded above storage.max_size.
+    let store = volumes
+        .iter()
+        .find(|v| v["emptyDir"].is_mapping())
+        .expect("an emptyDir for the local tier");
+    assert_eq!(
+        mounts
+            .get(str_of(&store["name"], "volume name"))
+            .map(Path::new),
+        Some(config.storage.path.as_path()),
+        "the emptyDir is mounted at storage.path"
+    );
+    let limit = quantity_bytes(str_of(&store["emptyDir"]["sizeLimit"], "sizeLimit"));
+    let max_size = config.storage.max_size.expect("a bounded local tier").0;
+    assert!(
+        max_size < limit,
+        "storage.max_size ({max_size}) leaves room below the emptyDir's sizeLimit ({limit}) for tmp/"
+    );
+    assert!(
+        volumes.iter().all(|v| v["persistentVolumeClaim"].is_null()),
+        "the fleet keeps no volume claims"
+    );
+
+    // The cluster: each pod advertises its own IP and client port; the secrets come from one
+    // Secret, whose keys are the ones docs/fleet.md and the kustomization tell users to create.
+    assert_eq!(
+        resolve(
+            &raw["cluster"]["advertise_url"],
+            &env,
+            "cluster.advertise_url"
+        ),
+        format!("http://{POD_IP}:{}", port(&config.listen)),
+        "cluster.advertise_url: the pod's IP (downward API) and the client port"
+    );
+    let secret_names: BTreeSet<&str> = secrets.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(secret_names, BTreeSet::from(["gantry-fleet"]), "one Secret");
+    let secret_keys: BTreeSet<String> = secrets.into_iter().map(|(_, key)| key).collect();
+    for (doc, text) in [
+        ("docs/fleet.md", read("docs/fleet.md")),
+        (
+            "deploy/kubernetes/fleet/kustomization.yaml",
+            read("deploy/kubernetes/fleet/kustomization.yaml"),
+        ),
+    ] {
+        assert!(text.contains("create secret generic gantry-fleet"), "{doc}");
+        let created: BTreeSet<String> = text
+            .split("--from-literal=")
+            .skip(1)
+            .map(|rest| rest.split('=').next().unwrap().to_owned())
+            .collect();
+        assert_eq!(created, secret_keys, "{doc}: the Secret's keys");
+    }
+    for key in ["access_key_id", "secret_access_key"] {
+        assert!(
+            str_of(&raw["storage"]["s3"][key], key).starts_with("_env:"),
+            "storage.s3.{key} comes from the environment (the Secret), not the ConfigMap"
+        );
+    }
+    assert!(
+        str_of(&raw["cluster"]["secret"], "cluster.secret").starts_with("_env:"),
+        "cluster.secret comes from the Secret"
+    );
+
+    // Ports, probes, grace: as the StatefulSet's.
+    let ports: BTreeMap<&str, u64> = seq(&container["ports"], "ports")
+        .iter()
+        .map(|p| {
+            (
+                str_of(&p["name"], "port name"),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports.get("http"), Some(&u64::from(port(&config.listen))));
+    assert_eq!(ports.get("admin"), Some(&u64::from(admin_port(&config))));
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], "admin", "{probe}");
+    }
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > config.timeouts.shutdown.0.as_secs(),
+        "terminationGracePeriodSeconds"
+    );
+
+    // Clients reach the pods through a plain Service on the client port.
+    let service = find("Service", "gantry-fleet");
+    assert!(labels_match(&service["spec"]["selector"], pod_labels));
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
+
+    // The PodDisruptionBudget and the autoscaler cover this Deployment; the autoscaler owns the
+    // count and keeps enough replicas for the budget to let one go.
+    let pdb = find("PodDisruptionBudget", "gantry-fleet");
+    assert!(labels_match(
+        &pdb["spec"]["selector"]["matchLabels"],
+        pod_labels
+    ));
+    let unavailable = pdb["spec"]["maxUnavailable"]
+        .as_u64()
+        .expect("maxUnavailable");
+    let hpa = find("HorizontalPodAutoscaler", "gantry-fleet");
+    assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+    let target = &hpa["spec"]["scaleTargetRef"];
+    assert_eq!(
+        (&target["apiVersion"], &target["kind"], &target["name"]),
+        (
+            &deployment["apiVersion"],
+            &deployment["kind"],
+            &deployment["metadata"]["name"]
+        ),
+        "the autoscaler scales the Deployment"
+    );
+    let min = hpa["spec"]["minReplicas"].as_u64().expect("minReplicas");
+    let max = hpa["spec"]["maxReplicas"].as_u64().expect("maxReplicas");
+    assert!(
+        min > unavailable && max >= min,
+        "replicas {min}..{max}, {unavailable} may go"
+    );
+    assert!(
+        spec["replicas"].is_null(),
+        "no replicas: in the Deployment: the autoscaler owns the count"
+    );
+
+    // The config's Redis is the shared Redis Service.
+    let (host, redis_port) = redis_host_port(&config);
+    let redis = find("Service", &host);
+    assert!(seq(&redis["spec"]["ports"], "ports")
+        .iter()
+        .any(|p| p["port"].as_u64() == Some(u64::from(redis_port))));
+
+    // Both variants side by side in one namespace: no object name in common but the Redis.
+    let base: BTreeSet<(String, String)> = kubernetes_objects()
+        .iter()
+        .map(|o| {
+            (
+                str_of(&o["kind"], "kind").to_owned(),
+                str_of(&o["metadata"]["name"], "name").to_owned(),
+            )
+        })
+        .collect();
+    for object in &objects {
+        let id = (
+            str_of(&object["kind"], "kind").to_owned(),
+            str_of(&object["metadata"]["name"], "name").to_owned(),
+        );
+        assert!(
+            !base.contains(&id) || id.1 == "gantry-redis",
+            "{id:?} is in both variants"
+        );
+    }
+    // ... and neither variant's Services or budget select the other's pods.
+    for object in kubernetes_objects() {
+        let selector = match object["kind"].as_str() {
+            Some("Service") => &object["spec"]["selector"],
+            Some("PodDisruptionBudget") => &object["spec"]["selector"]["matchLabels"],
+            _ => continue,
+        };
+        assert!(
+            !labels_match(selector, pod_labels),
+            "{:?} of the StatefulSet variant selects the fleet's pods",
+            object["metadata"]["name"]
+        );
+    }
 }
 
 // ---- systemd ----------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ use super::coordinator::{Claim, Owner};
 use super::error::MirrorError;
 use super::fill::{fill, store_error};
 use super::hook::Committed;
-use super::origin::{BlobOrigin, Origin, UpstreamOrigin};
+use super::origin::{BlobOrigin, ObjectOrigin, Origin, PeerOrigin, UpstreamOrigin};
 use super::resume::open_first;
 use super::Mirror;
+use crate::cluster::LeaseClaim;
 use crate::metrics::FailureReason;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::{Upstream, UpstreamError};
@@ -227,8 +228,9 @@ impl Mirror {
         waited
     }
 
-    /// Fetches, verifies and commits one blob from the first of its origins that holds it,
-    /// `upstream` last. Returns its size.
+    /// Fetches, verifies and commits one blob from the first of its origins that holds it:
+    /// the object tier, then (in a fleet) the replica holding the digest's lease, then the
+    /// upstream, each taking over from the one before at the byte it broke off. Returns its size.
     async fn download(
         &self,
         upstream: &UpstreamOrigin,
@@ -237,13 +239,68 @@ impl Mirror {
         first: mpsc::Sender<Bytes>,
     ) -> Result<u64, MirrorError> {
         let registry = upstream.name().to_owned();
-        let origins = vec![Origin::Upstream(upstream.clone())];
+        let mut origins = Vec::with_capacity(3);
+        let object = self
+            .object_tier
+            .as_ref()
+            .map(|tier| Origin::Object(ObjectOrigin(Arc::clone(tier))));
+        let mut lease = None;
+        match self.cluster.as_ref() {
+            None => origins.extend(object),
+            Some(cluster) => match cluster.leases.claim(digest).await {
+                // Another replica is downloading it: read its flight, and should that replica
+                // die, go on from the object tier (if the blob reached it) or the upstream.
+                LeaseClaim::HeldBy(owner_url) => {
+                    origins.push(Origin::Peer(PeerOrigin {
+                        peers: Arc::clone(&cluster.peers),
+                        owner_url,
+                    }));
+                    origins.extend(object);
+                }
+                LeaseClaim::Owned(owned) => {
+                    lease = Some(owned);
+                    origins.extend(object);
+                }
+                LeaseClaim::Unavailable => origins.extend(object),
+            },
+        }
+        origins.push(Origin::Upstream(upstream.clone()));
+        let result = self
+            .fill_from(origins, digest, progress, first, &registry)
+            .await;
+        if let Some(lease) = lease {
+            match &result {
+                // Kept until it lapses (one `cluster.lease_ttl`): a replica asking meanwhile
+                // reads this replica's store while the upload to the object tier runs, instead of
+                // finding neither a lease nor the object and fetching the blob again.
+                Ok(_) => lease.abandon(),
+                Err(_) => lease.release().await,
+            }
+        }
+        if let (Err(MirrorError::BadContent { .. }), Some(tier)) = (&result, &self.object_tier) {
+            // Part of it may have come from the object tier: a copy there that does not match
+            // its digest must not be served again.
+            if let Err(error) = tier.remove_blob(digest).await {
+                tracing::warn!(%digest, %error, "could not remove a blob that failed verification from the object tier");
+            }
+        }
+        result
+    }
+
+    async fn fill_from(
+        &self,
+        origins: Vec<Origin>,
+        digest: &Digest,
+        progress: &watch::Sender<Progress>,
+        first: mpsc::Sender<Bytes>,
+        registry: &str,
+    ) -> Result<u64, MirrorError> {
         let opened = open_first(digest, origins).await?;
         let writer = self
             .store
             .begin_blob(digest, opened.size)
             .map_err(store_error)?;
-        fill(writer, opened.chunks, progress, Some(first), &registry).await
+        fill(writer, opened.chunks, progress, Some(first), registry).await
     }
 }
 

@@ -12,11 +12,14 @@ use http::{HeaderMap, Method, StatusCode};
 use super::scope::MAX_LINKS_PER_MANIFEST;
 use super::send::{repository_request, send_ok, upstream_failure};
 use super::{Mirror, MirrorError, Target};
-use crate::oci::manifest::ManifestDoc;
+use crate::oci::manifest::{encode_stored, split_stored, ManifestDoc};
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
 use crate::store::StoredManifest;
 use crate::tags::{TagEntry, Tags};
 use crate::upstream::{UpstreamError, UpstreamRequest};
+
+/// Manifest uploads to the object tier running at once, at most.
+pub(super) const MANIFEST_UPLOADS: usize = 8;
 
 /// A manifest ready to be served.
 #[derive(Clone, Debug)]
@@ -65,7 +68,7 @@ impl Mirror {
         digest: &Digest,
         accept: AcceptSet,
     ) -> Result<Manifest, MirrorError> {
-        if let Some(stored) = self.store.read_manifest(digest).await {
+        if let Some(stored) = self.stored_manifest(digest).await {
             if accept.accepts(&stored.media_type) {
                 if !self.knows(target, digest).await {
                     self.confirm_with_upstream(target, "manifests", digest, Some(accept))
@@ -239,7 +242,12 @@ impl Mirror {
         if let Some(stored) = self.store.read_manifest(&digest).await {
             return Some(Manifest::from_stored(digest, stored));
         }
-        let (media_type, bytes) = self.tags.shared_manifest(&entry.digest).await?;
+        let Some((media_type, bytes)) = self.tags.shared_manifest(&entry.digest).await else {
+            return self
+                .tier_manifest(&digest)
+                .await
+                .map(|stored| Manifest::from_stored(digest, stored));
+        };
         let bytes = Bytes::from(bytes);
         // write_manifest refuses bytes that do not hash to the digest.
         if let Err(error) = self
@@ -255,6 +263,61 @@ impl Mirror {
             digest,
             StoredManifest { media_type, bytes },
         ))
+    }
+
+    /// A manifest from the store, else from the object tier (then stored here).
+    async fn stored_manifest(&self, digest: &Digest) -> Option<StoredManifest> {
+        match self.store.read_manifest(digest).await {
+            Some(stored) => Some(stored),
+            None => self.tier_manifest(digest).await,
+        }
+    }
+
+    /// A manifest the object tier holds, checked against its digest and stored on this disk.
+    async fn tier_manifest(&self, digest: &Digest) -> Option<StoredManifest> {
+        let tier = self.object_tier.as_ref()?;
+        let raw = match tier.read_manifest(digest).await {
+            Ok(found) => found?,
+            Err(error) => {
+                tracing::debug!(%digest, %error, "object tier manifest read failed; a miss");
+                return None;
+            }
+        };
+        let (media_type, start) = split_stored(&raw)?;
+        let media_type = media_type.to_owned();
+        let bytes = raw.slice(start..);
+        // write_manifest refuses bytes that do not hash to the digest.
+        if let Err(error) = self
+            .store
+            .write_manifest(digest, &media_type, bytes.clone())
+            .await
+        {
+            tracing::warn!(%digest, %error, "ignoring an object tier manifest that cannot be stored");
+            return None;
+        }
+        self.catalogue_manifest(digest, &media_type, &bytes);
+        Some(StoredManifest { media_type, bytes })
+    }
+
+    /// Copies a manifest just fetched to the object tier, beside the request: at most
+    /// [`MANIFEST_UPLOADS`] at once, more are dropped (the next replica to fetch it uploads it),
+    /// each bounded by the tier's own timeouts.
+    fn upload_manifest(&self, digest: &Digest, media_type: &str, bytes: &[u8]) {
+        let Some(tier) = &self.object_tier else {
+            return;
+        };
+        let Ok(permit) = Arc::clone(&self.manifest_uploads).try_acquire_owned() else {
+            self.metrics.object_tier_uploads_dropped.inc();
+            return;
+        };
+        let (tier, digest) = (Arc::clone(tier), digest.clone());
+        let stored = Bytes::from(encode_stored(media_type, bytes));
+        tokio::spawn(async move {
+            if let Err(error) = tier.write_manifest(&digest, stored).await {
+                tracing::debug!(%digest, %error, "manifest upload to the object tier failed");
+            }
+            drop(permit);
+        });
     }
 
     /// `Ok(Some(digest))` from the upstream's `Docker-Content-Digest`, `Ok(None)` if it sent none.
@@ -330,6 +393,7 @@ impl Mirror {
             .await
             .map_err(|e| MirrorError::Store(Arc::new(e)))?;
         self.catalogue_manifest(&digest, &media_type, &bytes);
+        self.upload_manifest(&digest, &media_type, &bytes);
         self.tags
             .share_manifest(&digest.to_string(), &media_type, &bytes)
             .await;

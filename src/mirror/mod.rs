@@ -40,10 +40,12 @@ pub use registries::{Registry, Target};
 pub(crate) use send::upstream_failure;
 pub use upload::{uploader, UPLOAD_QUEUE};
 
+use crate::cluster::{Leases, Peers};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::single_flight::SingleFlight;
+use crate::store::object::ObjectTier;
 use crate::store::{BlobFile, Store};
 use crate::tags::Tags;
 use crate::upstream::{CredentialError, Pool};
@@ -102,6 +104,18 @@ pub struct Mirror {
     download_queue_wait: Duration,
     /// Told of every committed download (see `hook`); `None` costs the commit nothing.
     commit_hook: Option<CommitHook>,
+    /// The object tier below the disk (`storage.s3`): an origin for blobs and manifests.
+    object_tier: Option<Arc<ObjectTier>>,
+    /// Manifest uploads to the object tier in flight (see `manifests::MANIFEST_UPLOADS`).
+    manifest_uploads: Arc<tokio::sync::Semaphore>,
+    /// Download leases and peer reads across replicas (`cluster:`).
+    cluster: Option<Cluster>,
+}
+
+/// What a replica of a fleet uses to make one upstream fetch per blob for all of them.
+pub struct Cluster {
+    pub leases: Leases,
+    pub peers: Arc<Peers>,
 }
 
 impl Mirror {
@@ -131,7 +145,28 @@ impl Mirror {
             max_queued_downloads: config.limits.max_queued_downloads,
             download_queue_wait: config.timeouts.download_queue.0,
             commit_hook: None,
+            object_tier: None,
+            manifest_uploads: Arc::new(tokio::sync::Semaphore::new(manifests::MANIFEST_UPLOADS)),
+            cluster: None,
         })
+    }
+
+    /// Reads blobs and manifests the disk lacks from `tier` before asking the upstream.
+    pub fn with_object_tier(mut self, tier: Arc<ObjectTier>) -> Self {
+        self.object_tier = Some(tier);
+        self
+    }
+
+    /// Claims each upstream download across the fleet, and follows the replica that owns one.
+    pub fn with_cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Whether a blob may come from somewhere other than the upstream, which then does not vouch
+    /// for the requesting repository: its scope must be known first.
+    fn has_origins_below(&self) -> bool {
+        self.object_tier.is_some() || self.cluster.is_some()
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -178,9 +213,15 @@ impl Mirror {
             self.link_if_new(target, digest).await;
             return Ok(BlobSource::Upstream { size });
         }
+        // Only the upstream's own answer proves that a repository references a blob; another
+        // origin (the object tier, a peer) holds content of every repository.
+        let vouched_by_upstream = !self.has_origins_below();
+        if !vouched_by_upstream {
+            self.ensure_known(target, digest).await?;
+        }
         let (flight, first) = self.join_or_start(upstream, &target.repo, digest);
         // A download started under another repository proves nothing about this one.
-        if first.is_none() && !flight.asked_under(&repository_key(target)) {
+        if vouched_by_upstream && first.is_none() && !flight.asked_under(&repository_key(target)) {
             self.ensure_known(target, digest).await?;
         }
         let size = flight.started().await?;

@@ -14,14 +14,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{Stream, TryStreamExt};
 use http::{Method, StatusCode};
 use prometheus::IntCounter;
 
 use super::error::MirrorError;
 use super::send::{content_length, send_ok};
 use super::upstream_failure;
+use crate::cluster::Peers;
 use crate::oci::{Digest, RepoName};
+use crate::store::object::ObjectTier;
 use crate::upstream::{Upstream, UpstreamBody, UpstreamRequest};
 
 /// A blob's bytes in the order they are to be written. Errors keep their type, so a failed
@@ -54,20 +56,92 @@ pub trait BlobOrigin: Send + Sync {
 
 /// The origins a download may use, in one type so that they can be tried in order.
 pub(super) enum Origin {
+    /// The object tier below the disk (`storage.s3`).
+    Object(ObjectOrigin),
+    /// The replica that holds the digest's download lease.
+    Peer(PeerOrigin),
     Upstream(UpstreamOrigin),
 }
 
 impl BlobOrigin for Origin {
     fn name(&self) -> &str {
         match self {
+            Self::Object(object) => object.name(),
+            Self::Peer(peer) => peer.name(),
             Self::Upstream(upstream) => upstream.name(),
         }
     }
 
     async fn open(&self, digest: &Digest, offset: u64) -> Result<Option<Opened>, MirrorError> {
         match self {
+            Self::Object(object) => object.open(digest, offset).await,
+            Self::Peer(peer) => peer.open(digest, offset).await,
             Self::Upstream(upstream) => upstream.open(digest, offset).await,
         }
+    }
+}
+
+/// A failure of an origin below the upstream, typed, for the resume chain to take over from.
+fn below<E: std::error::Error + Send + Sync + 'static>(origin: &str, error: E) -> MirrorError {
+    MirrorError::Origin {
+        origin: origin.to_owned(),
+        source: Arc::new(error),
+    }
+}
+
+/// The object tier: content it holds was verified before it was uploaded, and is verified again
+/// as it is written to this disk (the tier is trusted with nothing).
+pub(super) struct ObjectOrigin(pub Arc<ObjectTier>);
+
+impl BlobOrigin for ObjectOrigin {
+    fn name(&self) -> &str {
+        "object tier"
+    }
+
+    async fn open(&self, digest: &Digest, offset: u64) -> Result<Option<Opened>, MirrorError> {
+        let Some(read) = self
+            .0
+            .read_blob(digest, offset)
+            .await
+            .map_err(|e| below(self.name(), e))?
+        else {
+            return Ok(None);
+        };
+        let chunks = read.chunks.map_err(|e| below("object tier", e));
+        Ok(Some(Opened {
+            size: Some(read.size),
+            chunks: Box::pin(chunks),
+        }))
+    }
+}
+
+/// The replica downloading the digest now (its lease's holder), read on its cluster route while
+/// its own download runs.
+pub(super) struct PeerOrigin {
+    pub peers: Arc<Peers>,
+    pub owner_url: String,
+}
+
+impl BlobOrigin for PeerOrigin {
+    fn name(&self) -> &str {
+        &self.owner_url
+    }
+
+    async fn open(&self, digest: &Digest, offset: u64) -> Result<Option<Opened>, MirrorError> {
+        let Some(read) = self
+            .peers
+            .open(&self.owner_url, digest, offset)
+            .await
+            .map_err(|e| below(&self.owner_url, e))?
+        else {
+            return Ok(None);
+        };
+        let owner = self.owner_url.clone();
+        let chunks = read.chunks.map_err(move |e| below(&owner, e));
+        Ok(Some(Opened {
+            size: read.size,
+            chunks: Box::pin(chunks),
+        }))
     }
 }
 

@@ -126,3 +126,67 @@ async fn upload(tier: Arc<ObjectTier>, store: Arc<Store>, event: Committed) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use object_store::memory::InMemory;
+    use object_store::ObjectStore;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::mirror::CommitHook;
+    use crate::oci::{Algorithm, Digest};
+    use crate::store::StoreOptions;
+
+    #[tokio::test]
+    async fn every_committed_blob_is_uploaded_and_a_vanished_one_is_counted_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(dir.path(), StoreOptions::default(), Arc::clone(&metrics)).unwrap();
+        let bucket = Arc::new(InMemory::new());
+        let tier = Arc::new(ObjectTier::over(
+            bucket.clone(),
+            "",
+            None,
+            Arc::clone(&metrics),
+        ));
+        let hook = CommitHook::spawn(
+            UPLOAD_QUEUE,
+            uploader(Arc::clone(&tier), Arc::clone(&store), 2),
+        );
+        let mut digests = Vec::new();
+        for byte in 1..=5u8 {
+            let content = vec![byte; 1000 * usize::from(byte)];
+            let digest = Digest::of(Algorithm::Sha256, &content);
+            let mut writer = store.begin_blob(&digest, None).unwrap();
+            writer.write(Bytes::from(content.clone())).await.unwrap();
+            writer.commit().await.unwrap();
+            hook.notify(Committed {
+                digest: digest.clone(),
+                size: content.len() as u64,
+            });
+            digests.push((digest, content));
+        }
+        hook.notify(Committed {
+            digest: Digest::of(Algorithm::Sha256, b"never stored"),
+            size: 12,
+        });
+        // Closing the queue waits for the backlog to be done.
+        hook.finish().await;
+        for (digest, content) in &digests {
+            let got = bucket.get(&tier.blob_key(digest)).await.unwrap();
+            assert_eq!(got.bytes().await.unwrap(), content.as_slice());
+        }
+        let uploads = |result: &str| {
+            metrics
+                .object_tier_uploads
+                .with_label_values(&[result])
+                .get()
+        };
+        assert_eq!(uploads("uploaded"), 5);
+        assert_eq!(uploads("gone"), 1);
+        assert_eq!(metrics.object_tier_upload_backlog.get(), 0);
+        assert_eq!(metrics.object_tier_uploaded_bytes.get(), 15_000);
+    }
+}

@@ -11,9 +11,11 @@
 
 pub mod clients;
 pub mod fake;
+pub mod garage;
 pub mod gauge;
 pub mod images;
 pub mod metrics;
+pub mod nginx;
 pub mod process;
 pub mod raw_fake;
 pub mod realm;

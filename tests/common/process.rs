@@ -37,6 +37,14 @@ impl GantryProcess {
         }
     }
 
+    /// Appends top-level YAML to the config, for sections that need the port (a cluster's
+    /// `advertise_url`).
+    pub fn append_config(&self, yaml: &str) {
+        let mut config = std::fs::read_to_string(&self.config).unwrap();
+        config.push_str(yaml);
+        std::fs::write(&self.config, config).unwrap();
+    }
+
     /// Sets an environment variable for every later start.
     pub fn env(&mut self, name: &str, value: &str) {
         self.env.push((name.to_owned(), value.to_owned()));
