@@ -362,3 +362,40 @@ async fn followers_finish_verified_pulls_when_the_owner_is_killed_mid_download()
         "the followers resumed from another origin:\n{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flight_survives_redis_dying_and_replicas_then_download_alone() {
+    let Some(mut fleet) = Fleet::start(&[3_000_000, 1_000_000]).await else {
+        return;
+    };
+    let owner_url = fleet.replicas[0].url("");
+    learn_manifest(owner_url.trim_start_matches("http://")).await;
+    let (layer, _) = fleet.image.layers[0].clone();
+    let gate = fleet.proxy.hold(&layer, PASS);
+    let path = format!("/v2/test/fleet/blobs/{layer}");
+    let owner = start_reading(&fleet.replicas[0].url(&path)).await;
+    let follower = start_reading(&fleet.replicas[1].url(&path)).await;
+    assert_eq!(blob_gets(&fleet.proxy).get(&layer).copied(), Some(1));
+    // Redis dies while the owner downloads and the follower streams from it: the lease can no
+    // longer be renewed, and neither transfer cares.
+    fleet.redis.kill().await;
+    gate.open();
+    for reading in [owner, follower] {
+        let bytes = reading
+            .finish()
+            .await
+            .unwrap_or_else(|e| panic!("a transfer failed with Redis gone: {e}\n{}", fleet.logs()));
+        assert_eq!(sha256(&bytes), layer);
+    }
+    assert_eq!(blob_gets(&fleet.proxy).get(&layer).copied(), Some(1));
+    // Without Redis a replica claims nothing and downloads alone, as a single node does.
+    let (other, _) = fleet.image.layers[1].clone();
+    let reply = common::http_get(
+        &fleet.replicas[2].url(&format!("/v2/test/fleet/blobs/{other}")),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", fleet.logs());
+    assert_eq!(sha256(&reply.body), other);
+}
