@@ -1055,30 +1055,7 @@ fn kubernetes_manifests_agree_with_each_other() {
         Some(config.storage.path.as_path()),
         "the volume claim is mounted at storage.path"
     );
-    let ports: BTreeMap<&str, u64> = seq(&container["ports"], "ports")
-        .iter()
-        .map(|p| {
-            (
-                str_of(&p["name"], "port name"),
-                p["containerPort"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(ports.get("http"), Some(&u64::from(port(&config.listen))));
-    assert_eq!(ports.get("admin"), Some(&u64::from(admin_port(&config))));
-    for (probe, path) in [
-        ("livenessProbe", "/healthz"),
-        ("readinessProbe", "/readyz"),
-        ("startupProbe", "/healthz"),
-    ] {
-        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(container[probe]["httpGet"]["port"], "admin", "{probe}");
-    }
-    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(
-        grace > config.timeouts.shutdown.0.as_secs(),
-        "terminationGracePeriodSeconds ({grace}) outlasts timeouts.shutdown"
-    );
+    assert_ports_probes_and_grace(container, pod, &config);
 
     assert_workloads_hardened(&objects);
 
@@ -1145,7 +1122,9 @@ fn container_env(container: &Value) -> (BTreeMap<String, String>, BTreeSet<(Stri
                 str_of(&secret["name"], "secretKeyRef.name").to_owned(),
                 key.clone(),
             ));
-            format!("https://from-the-secret.example/{key}-0123456789abcdef")
+            // One shape that every Secret-sourced key admits: a URL without a path (an endpoint),
+            // and a token of no spaces, long enough for a cluster secret.
+            format!("https://{key}-0123456789abcdef.from-the-secret.example")
         };
         env.insert(name, value);
     }
@@ -1277,30 +1256,7 @@ fn kubernetes_fleet_agrees_with_itself() {
     );
 
     // Ports, probes, grace: as the StatefulSet's.
-    let ports: BTreeMap<&str, u64> = seq(&container["ports"], "ports")
-        .iter()
-        .map(|p| {
-            (
-                str_of(&p["name"], "port name"),
-                p["containerPort"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(ports.get("http"), Some(&u64::from(port(&config.listen))));
-    assert_eq!(ports.get("admin"), Some(&u64::from(admin_port(&config))));
-    for (probe, path) in [
-        ("livenessProbe", "/healthz"),
-        ("readinessProbe", "/readyz"),
-        ("startupProbe", "/healthz"),
-    ] {
-        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(container[probe]["httpGet"]["port"], "admin", "{probe}");
-    }
-    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(
-        grace > config.timeouts.shutdown.0.as_secs(),
-        "terminationGracePeriodSeconds"
-    );
+    assert_ports_probes_and_grace(container, pod, &config);
 
     // Clients reach the pods through a plain Service on the client port.
     let service = find("Service", "gantry-fleet");
@@ -1822,4 +1778,33 @@ fn dashboard_queries_and_prometheus_config_pass_promtool() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// A gantry container's ports match its config, its probes use the admin port, and its pod's
+/// grace period outlasts `timeouts.shutdown`: the same for the StatefulSet and the fleet.
+fn assert_ports_probes_and_grace(container: &Value, pod: &Value, config: &Config) {
+    let ports: BTreeMap<&str, u64> = seq(&container["ports"], "ports")
+        .iter()
+        .map(|p| {
+            (
+                str_of(&p["name"], "port name"),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports.get("http"), Some(&u64::from(port(&config.listen))));
+    assert_eq!(ports.get("admin"), Some(&u64::from(admin_port(config))));
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], "admin", "{probe}");
+    }
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > config.timeouts.shutdown.0.as_secs(),
+        "terminationGracePeriodSeconds ({grace}) outlasts timeouts.shutdown"
+    );
 }

@@ -15,7 +15,7 @@ use common::images::{Image, Layout};
 use common::nginx::RoundRobin;
 use common::process::GantryProcess;
 use common::redis::RedisServer;
-use common::registry::{CountingProxy, Registry};
+use common::registry::{CountingProxy, Gate, Registry};
 use common::{push, require_tools, Options};
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -98,6 +98,18 @@ impl Fleet {
             .enumerate()
             .map(|(i, r)| format!("--- replica {i}\n{}", r.log()))
             .collect()
+    }
+
+    /// The first layer, held after [`PASS`] bytes upstream, and its path: the repository's
+    /// manifest is fetched first through replica 0, so every replica knows (through Redis) that
+    /// the repository references its layers.
+    async fn hold_first_layer(&self) -> (String, Gate, String) {
+        let owner_url = self.replicas[0].url("");
+        learn_manifest(owner_url.trim_start_matches("http://")).await;
+        let (layer, _) = self.image.layers[0].clone();
+        let gate = self.proxy.hold(&layer, PASS);
+        let path = format!("/v2/test/fleet/blobs/{layer}");
+        (layer, gate, path)
     }
 
     /// The layers the test holds: the ones larger than what a hold lets through.
@@ -326,11 +338,7 @@ async fn followers_finish_verified_pulls_when_the_owner_is_killed_mid_download()
     let Some(mut fleet) = Fleet::start(&[3_000_000]).await else {
         return;
     };
-    let owner_url = fleet.replicas[0].url("");
-    learn_manifest(owner_url.trim_start_matches("http://")).await;
-    let (layer, _) = fleet.image.layers[0].clone();
-    let gate = fleet.proxy.hold(&layer, PASS);
-    let path = format!("/v2/test/fleet/blobs/{layer}");
+    let (layer, gate, path) = fleet.hold_first_layer().await;
     let owner = start_reading(&fleet.replicas[0].url(&path)).await;
     let followers = vec![
         start_reading(&fleet.replicas[1].url(&path)).await,
@@ -368,11 +376,7 @@ async fn a_flight_survives_redis_dying_and_replicas_then_download_alone() {
     let Some(mut fleet) = Fleet::start(&[3_000_000, 1_000_000]).await else {
         return;
     };
-    let owner_url = fleet.replicas[0].url("");
-    learn_manifest(owner_url.trim_start_matches("http://")).await;
-    let (layer, _) = fleet.image.layers[0].clone();
-    let gate = fleet.proxy.hold(&layer, PASS);
-    let path = format!("/v2/test/fleet/blobs/{layer}");
+    let (layer, gate, path) = fleet.hold_first_layer().await;
     let owner = start_reading(&fleet.replicas[0].url(&path)).await;
     let follower = start_reading(&fleet.replicas[1].url(&path)).await;
     assert_eq!(blob_gets(&fleet.proxy).get(&layer).copied(), Some(1));

@@ -38,6 +38,15 @@ fn blob_key(digest: &str) -> String {
     format!("blobs/sha256/{}/{hex}", &hex[..2])
 }
 
+/// gantry in front of the fixture's upstream, with `storage` lines (its `s3:` section).
+async fn with_storage(fixture: &Fixture, storage: &str) -> Gantry {
+    let options = Options {
+        storage,
+        ..Options::default()
+    };
+    Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await
+}
+
 /// Waits until gantry has finished (uploaded or skipped) `count` uploads.
 async fn uploads_done(gantry: &Gantry, count: f64) {
     let done = wait_until(Duration::from_secs(30), || async {
@@ -67,15 +76,7 @@ async fn a_pulled_image_lands_in_the_bucket_under_its_content_keys() {
     };
     let fixture = Fixture::start().await;
     let storage = garage.yaml();
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &fixture.proxy.url(),
-        Options {
-            storage: &storage,
-            ..Options::default()
-        },
-    )
-    .await;
+    let gantry = with_storage(&fixture, &storage).await;
     let (out, result) = pull(&format!("{}/test/multi:v1", gantry.host()), false).await;
     result.expect("skopeo pulls through gantry");
     gantry.settled().await;
@@ -228,15 +229,7 @@ async fn an_endpoint_down_at_start_up_costs_no_pull_and_shows_in_readyz() {
     let fixture = Fixture::start().await;
     let closed = format!("http://127.0.0.1:{}", common::free_port());
     let storage = s3_yaml(&closed, "gantry", "GKkey", "secret");
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &fixture.proxy.url(),
-        Options {
-            storage: &storage,
-            ..Options::default()
-        },
-    )
-    .await;
+    let gantry = with_storage(&fixture, &storage).await;
     let (_out, result) = pull(&format!("{}/test/multi:v1", gantry.host()), false).await;
     result.expect("the pull succeeds without the object tier");
     gantry.settled().await;
@@ -343,12 +336,7 @@ async fn a_corrupt_or_truncated_object_is_never_served_whole_and_is_replaced_fro
     };
     let fixture = Fixture::start().await;
     let storage = garage.yaml();
-    let options = Options {
-        storage: &storage,
-        ..Options::default()
-    };
-    let gantry =
-        Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await;
+    let gantry = with_storage(&fixture, &storage).await;
     // The manifest links the layers to the repository, as in a pull.
     let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
     let manifest = http_get(&gantry.url("/v2/test/multi/manifests/v1"), &[accept]).await;
