@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::mirror::{uploader, Cluster, CommitHook, Mirror, UPLOAD_QUEUE};
 use crate::redis::Redis;
 use crate::store::object::{ObjectTier, ObjectTierError};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreOptions};
 use crate::tags::{RedisTags, TagError, Tags};
 use crate::tls::{TlsError, TlsState};
 use crate::upstream::{CredentialError, Pool, Timeouts};
@@ -66,7 +66,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let store = {
             let path = config.storage.path.clone();
-            let options = config.storage.options();
+            let options = StoreOptions::from_config(&config.storage);
             let metrics = Arc::clone(&metrics);
             tokio::task::spawn_blocking(move || Store::open(&path, options, metrics)).await??
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, ListenAddr, LogFormat};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 
 /// sysexits' EX_USAGE: bad configuration, nothing was started.
 const EXIT_CONFIG: u8 = 64;
@@ -139,7 +139,7 @@ pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
     let _log_writer = init_logging(&config);
     let result = Store::open(
         &config.storage.path,
-        config.storage.options(),
+        StoreOptions::from_config(&config.storage),
         Arc::new(Metrics::new()),
     )
     .and_then(|store| {

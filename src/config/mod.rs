@@ -95,15 +95,6 @@ pub struct Storage {
     pub s3: Option<ObjectTierConfig>,
 }
 
-impl Storage {
-    pub fn options(&self) -> crate::store::StoreOptions {
-        crate::store::StoreOptions {
-            max_size: self.max_size.map(|size| size.0),
-            map_files: self.mmap,
-        }
-    }
-}
-
 /// The default upstream; the names are those of the classic docker-registry mirror settings.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

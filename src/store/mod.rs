@@ -168,6 +168,17 @@ pub struct StoreOptions {
     pub map_files: bool,
 }
 
+impl StoreOptions {
+    /// The options the `storage:` section sets (config is a leaf: the store reads it, never the
+    /// other way round).
+    pub fn from_config(storage: &crate::config::Storage) -> Self {
+        Self {
+            max_size: storage.max_size.map(|size| size.0),
+            map_files: storage.mmap,
+        }
+    }
+}
+
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
