@@ -1014,24 +1014,7 @@ fn kubernetes_manifests_agree_with_each_other() {
     // ports those of the config, probes on the admin port.
     let containers = seq(&pod["containers"], "containers");
     let container = &containers[0];
-    let args: Vec<&str> = seq(&container["args"], "args")
-        .iter()
-        .map(|a| str_of(a, "arg"))
-        .collect();
-    let at = args
-        .iter()
-        .position(|a| *a == "--config")
-        .expect("--config");
-    let config_path = Path::new(args[at + 1]);
-    let mounts: BTreeMap<&str, &str> = seq(&container["volumeMounts"], "volumeMounts")
-        .iter()
-        .map(|m| {
-            (
-                str_of(&m["name"], "mount"),
-                str_of(&m["mountPath"], "mountPath"),
-            )
-        })
-        .collect();
+    let (config_path, mounts) = config_path_and_mounts(container);
     let config_volume = seq(&pod["volumes"], "volumes")
         .iter()
         .find(|v| v["configMap"]["name"] == "gantry-config")
@@ -1151,24 +1134,7 @@ fn kubernetes_fleet_agrees_with_itself() {
     let (env, secrets) = container_env(container);
 
     // The config: the ConfigMap mounted where --config points, every variable it needs set.
-    let args: Vec<&str> = seq(&container["args"], "args")
-        .iter()
-        .map(|a| str_of(a, "arg"))
-        .collect();
-    let at = args
-        .iter()
-        .position(|a| *a == "--config")
-        .expect("--config");
-    let config_path = Path::new(args[at + 1]);
-    let mounts: BTreeMap<&str, &str> = seq(&container["volumeMounts"], "volumeMounts")
-        .iter()
-        .map(|m| {
-            (
-                str_of(&m["name"], "mount"),
-                str_of(&m["mountPath"], "mountPath"),
-            )
-        })
-        .collect();
+    let (config_path, mounts) = config_path_and_mounts(container);
     let volumes = seq(&pod["volumes"], "volumes");
     let config_volume = volumes
         .iter()
@@ -1807,4 +1773,26 @@ fn assert_ports_probes_and_grace(container: &Value, pod: &Value, config: &Config
         grace > config.timeouts.shutdown.0.as_secs(),
         "terminationGracePeriodSeconds ({grace}) outlasts timeouts.shutdown"
     );
+}
+
+/// A gantry container's `--config` path and its volume mounts (name → path).
+fn config_path_and_mounts(container: &Value) -> (&Path, BTreeMap<&str, &str>) {
+    let args: Vec<&str> = seq(&container["args"], "args")
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--config")
+        .expect("--config");
+    let mounts = seq(&container["volumeMounts"], "volumeMounts")
+        .iter()
+        .map(|m| {
+            (
+                str_of(&m["name"], "mount"),
+                str_of(&m["mountPath"], "mountPath"),
+            )
+        })
+        .collect();
+    (Path::new(args[at + 1]), mounts)
 }

@@ -47,6 +47,18 @@ async fn with_storage(fixture: &Fixture, storage: &str) -> Gantry {
     Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await
 }
 
+/// A real upstream (the standard fixture), a Garage, and gantry in front of the one over the
+/// other; `None` (SKIPPED, or a failure under CI) without the tools.
+async fn gantry_over_garage() -> Option<(Garage, Fixture, Gantry)> {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return None;
+    }
+    let garage = Garage::start().await?;
+    let fixture = Fixture::start().await;
+    let gantry = with_storage(&fixture, &garage.yaml()).await;
+    Some((garage, fixture, gantry))
+}
+
 /// Waits until gantry has finished (uploaded or skipped) `count` uploads.
 async fn uploads_done(gantry: &Gantry, count: f64) {
     let done = wait_until(Duration::from_secs(30), || async {
@@ -68,15 +80,9 @@ async fn uploads_done(gantry: &Gantry, count: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pulled_image_lands_in_the_bucket_under_its_content_keys() {
-    if !require_tools(&["docker-registry", "skopeo"]) {
-        return;
-    }
-    let Some(garage) = Garage::start().await else {
+    let Some((garage, fixture, gantry)) = gantry_over_garage().await else {
         return;
     };
-    let fixture = Fixture::start().await;
-    let storage = garage.yaml();
-    let gantry = with_storage(&fixture, &storage).await;
     let (out, result) = pull(&format!("{}/test/multi:v1", gantry.host()), false).await;
     result.expect("skopeo pulls through gantry");
     gantry.settled().await;
@@ -328,15 +334,9 @@ fn sha256(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_or_truncated_object_is_never_served_whole_and_is_replaced_from_the_upstream() {
-    if !require_tools(&["docker-registry", "skopeo"]) {
-        return;
-    }
-    let Some(garage) = Garage::start().await else {
+    let Some((garage, fixture, gantry)) = gantry_over_garage().await else {
         return;
     };
-    let fixture = Fixture::start().await;
-    let storage = garage.yaml();
-    let gantry = with_storage(&fixture, &storage).await;
     // The manifest links the layers to the repository, as in a pull.
     let accept = ("accept", "application/vnd.oci.image.manifest.v1+json");
     let manifest = http_get(&gantry.url("/v2/test/multi/manifests/v1"), &[accept]).await;

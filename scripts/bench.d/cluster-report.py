@@ -8,6 +8,10 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The bench's own report: the results file's format and the figures' formatting are one.
+from report import fmt, load  # noqa: E402
+
 # key, column, better ("higher" / "lower"): the table, one row per peer.
 COLUMNS = [
     ("cold_wall_s", "cold wall s", "lower"),
@@ -21,26 +25,6 @@ COLUMNS = [
 ]
 
 
-def number(text):
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return int(value) if value.is_integer() and "." not in text else value
-
-
-def load(path):
-    meta, peers = {}, {}
-    with open(path) as f:
-        for line in f:
-            parts = line.rstrip("\n").split("\t", 2)
-            if len(parts) != 3:
-                continue
-            peer, key, value = parts
-            (meta if peer == "meta" else peers.setdefault(peer, {}))[key] = number(value)
-    return meta, peers
-
-
 def advantage(gantry, other, better):
     """How many times better gantry is (>1: gantry better); None where a zero on either side makes
     a ratio say nothing (0 upstream GETs against 12 is "none against some", not 0.00x)."""
@@ -49,14 +33,6 @@ def advantage(gantry, other, better):
     if not gantry or not other:
         return None
     return gantry / other if better == "higher" else other / gantry
-
-
-def fmt(value):
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:,.2f}" if abs(value) < 10 else f"{value:,.1f}" if abs(value) < 1000 else f"{value:,.0f}"
-    return f"{value:,}"
 
 
 def markdown(meta, peers, order):
