@@ -235,7 +235,7 @@ fn svg(
             if value <= 0.0 || max <= 0.0 {
                 continue;
             }
-            let height = value / max * (CHART_HEIGHT - 16.0);
+            let height = value / max * CHART_HEIGHT;
             bottom -= height;
             let _ = write!(
                 html,
@@ -243,11 +243,12 @@ fn svg(
             );
         }
     }
+    // The labels are HTML below the drawing: the SVG stretches to the panel's width and would
+    // stretch text with it.
     let _ = write!(
         html,
-        "<text x=\"4\" y=\"12\">{}</text><text x=\"{}\" y=\"12\" text-anchor=\"end\">now</text></svg>",
-        escape(caption),
-        CHART_WIDTH - 4.0
+        "</svg><div class=\"axis\"><span>{}</span><span>1 h ago … now</span></div>",
+        escape(caption)
     );
 }
 
@@ -627,16 +628,16 @@ mod tests {
         let html = render(&all());
         let chart = section(&html, "history");
         let requests = &chart[chart.find("id=\"requests-chart\"").unwrap()..];
-        let requests = &requests[..requests.find("</svg>").unwrap()];
+        let requests = &requests[..requests.find("</div>").unwrap()];
         assert_eq!(requests.matches("<rect class=\"requests\"").count(), 2);
-        // The larger point fills the drawing height (less the caption's band).
+        // The larger point fills the drawing height.
         assert!(
-            requests.contains(&format!("height=\"{:.1}\"", CHART_HEIGHT - 16.0)),
+            requests.contains(&format!("height=\"{:.1}\"", CHART_HEIGHT)),
             "{requests}"
         );
         assert!(requests.contains("max 8 requests per 10 s"), "{requests}");
         let bytes = &chart[chart.find("id=\"bytes-chart\"").unwrap()..];
-        let bytes = &bytes[..bytes.find("</svg>").unwrap()];
+        let bytes = &bytes[..bytes.find("</div>").unwrap()];
         // First point: cache and upstream stacked; second: cache only.
         assert_eq!(bytes.matches("<rect class=\"cache\"").count(), 2);
         assert_eq!(bytes.matches("<rect class=\"upstream\"").count(), 1);
