@@ -14,10 +14,12 @@
 //! | `POST /api/v1/pin`, `POST /api/v1/unpin` | `pins.rs` |
 //! | `POST /api/v1/refresh` | `refresh.rs` |
 //! | `GET /` (the status page) | `page.rs` |
+//! | `GET /api/v1/history` (the status page's chart) | `history.rs` |
 
 mod audit;
 mod auth;
 mod error;
+mod history;
 mod image;
 mod inventory;
 mod page;
@@ -34,6 +36,8 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 pub use auth::Caller;
 pub use error::ControlError;
@@ -43,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::redis::Redis;
 use crate::store::object::ObjectTier;
+use history::History;
 
 /// The API's version prefix; a breaking change gets `/api/v2/` beside it.
 pub const API_PREFIX: &str = "/api/v1/";
@@ -56,6 +61,9 @@ pub struct Control {
     object_tier: Option<Arc<ObjectTier>>,
     redis: Option<Redis>,
     token: Option<Secret>,
+    /// The last hour of traffic for the status page; its sampler holds it weakly, so dropping
+    /// the control plane ends the sampler.
+    history: Arc<History>,
 }
 
 /// The body of every mutating call: image references as users write them (`nginx:1.27`,
@@ -74,6 +82,7 @@ impl Control {
             object_tier: None,
             redis: None,
             token,
+            history: Arc::new(History::new(history::INTERVAL, history::POINTS)),
         }
     }
 
@@ -87,6 +96,13 @@ impl Control {
     pub fn with_redis(mut self, redis: Option<Redis>) -> Self {
         self.redis = redis;
         self
+    }
+
+    /// Starts the one task that samples the counters into the status page's history; it ends
+    /// when `shutdown` turns or this control plane is dropped.
+    pub fn sample_history(&self, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        self.history
+            .spawn_sampler(Arc::clone(&self.metrics), shutdown)
     }
 
     pub fn mirror(&self) -> &Arc<Mirror> {
@@ -113,6 +129,7 @@ impl Control {
                 Some("images") => inventory::list(self, query).await,
                 Some("images/inspect") => inventory::inspect(self, query).await,
                 Some("stats") => stats::stats(self).await,
+                Some("history") => history::history(self).await,
                 _ => Err(ControlError::NoRoute(path.clone())),
             },
             (&Method::POST, _) => {

@@ -150,6 +150,7 @@ pub async fn serve(app: App) -> Result<Running, StartError> {
         )));
     }
     if let Some(admin_listener) = admin_listener {
+        tasks.push(control.sample_history(shutdown_rx.clone()));
         let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics), control)
             .with_object_tier(object_tier);
         let handler = move |peer: SocketAddr, request: Request<Incoming>| {

@@ -9,6 +9,7 @@
 //! that fails the test, otherwise it says `SKIPPED` and why.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod clients;
 pub mod fake;
 pub mod garage;
