@@ -17,6 +17,7 @@ pub mod control;
 pub mod ctl;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod human;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;

@@ -14,7 +14,7 @@ use http_body_util::Full;
 use serde_json::Value;
 
 use super::{history, inventory, stats, Control};
-use crate::ctl::{human_age, human_size};
+use crate::human::{human_age, human_size};
 
 const STYLE: &str = include_str!("page.css");
 /// Seconds between the browser's reloads of the page.
