@@ -56,6 +56,8 @@ pub struct Control {
     object_tier: Option<Arc<ObjectTier>>,
     redis: Option<Redis>,
     token: Option<Secret>,
+    /// For the stats' `uptime_seconds`.
+    started: std::time::Instant,
 }
 
 /// The body of every mutating call: image references as users write them (`nginx:1.27`,
@@ -74,6 +76,7 @@ impl Control {
             object_tier: None,
             redis: None,
             token,
+            started: std::time::Instant::now(),
         }
     }
 
