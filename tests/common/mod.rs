@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod clients;
+pub mod control;
 pub mod fake;
 pub mod garage;
 pub mod gauge;
