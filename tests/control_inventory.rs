@@ -273,3 +273,77 @@ async fn upstream_rate_limit_headers_show_in_stats_and_metrics() {
         87.0
     );
 }
+
+/// docs/openapi.yaml documents exactly `gantry::control::ROUTES`, and the router answers each of
+/// them (an unknown path is `NO_ROUTE`, so a route the router lacks would show).
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_paths_are_the_routers_routes() {
+    use std::collections::BTreeSet;
+
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap();
+    let spec: Value = serde_yaml::from_str(&text).unwrap();
+    let documented: BTreeSet<(String, String)> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let routes: BTreeSet<(String, String)> = gantry::control::ROUTES
+        .iter()
+        .map(|(method, path)| ((*method).to_owned(), (*path).to_owned()))
+        .collect();
+    assert_eq!(documented, routes);
+
+    let upstream = Fake::start(|_| Scripted::new(StatusCode::NOT_FOUND)).await;
+    let gantry = common::Gantry::start(&upstream.url()).await;
+    let answer = |method: &str, path: &str| {
+        let url = gantry.admin_url(path);
+        let method: http::Method = method.parse().unwrap();
+        async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let body = if method == http::Method::POST {
+                bytes::Bytes::from_static(br#"{"references": []}"#)
+            } else {
+                bytes::Bytes::new()
+            };
+            let request = http::Request::builder()
+                .method(method)
+                .uri(url)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(body))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let status = response.status();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let code = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+            (status, code)
+        }
+    };
+    for (method, path) in gantry::control::ROUTES {
+        let (status, code) = answer(method, path).await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_ne!(
+            code.as_deref(),
+            Some("NO_ROUTE"),
+            "{method} {path}: {status}"
+        );
+    }
+    for (method, path) in [("GET", "/api/v1/nothing"), ("POST", "/api/v1/nothing")] {
+        let (_, code) = answer(method, path).await;
+        assert_eq!(code.as_deref(), Some("NO_ROUTE"), "{method} {path}");
+    }
+    gantry.stop().await;
+}

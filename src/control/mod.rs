@@ -46,6 +46,18 @@ use crate::store::object::ObjectTier;
 
 /// The API's version prefix; a breaking change gets `/api/v2/` beside it.
 pub const API_PREFIX: &str = "/api/v1/";
+/// Every route the control plane answers, as (method, path). docs/openapi.yaml documents exactly
+/// these, and tests/control_inventory.rs checks both the file and the running router against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/api/v1/images"),
+    ("GET", "/api/v1/images/inspect"),
+    ("GET", "/api/v1/stats"),
+    ("POST", "/api/v1/purge"),
+    ("POST", "/api/v1/pin"),
+    ("POST", "/api/v1/unpin"),
+    ("POST", "/api/v1/refresh"),
+];
 /// Request bodies are lists of references: this is thousands of them.
 const MAX_BODY: usize = 256 << 10;
 
