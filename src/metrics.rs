@@ -1,10 +1,12 @@
 //! Every Prometheus metric gantry exports, named and described in this one place.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -111,6 +113,8 @@ pub struct Metrics {
     pub cluster_lease_claims: IntCounterVec,
     /// Lease renewals that got no answer from Redis (the lease may lapse to another replica).
     pub cluster_lease_renew_failures: IntCounter,
+    /// Lookups, bytes served and upstream rate limits by registry (see [`PerRegistry`]).
+    pub per_registry: PerRegistry,
 }
 
 impl Metrics {
@@ -288,6 +292,7 @@ impl Metrics {
                 "gantry_cluster_lease_renew_failures_total",
                 "Download lease renewals Redis did not answer; the lease lapses after cluster.lease_ttl without one.",
             ),
+            per_registry: PerRegistry::new(&registry),
             registry,
         }
     }
@@ -325,6 +330,151 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The series by registry the control plane's stats read (#20): cache lookups and bytes served
+/// per registry (the global `gantry_cache_lookups_total` and `gantry_bytes_served_total` do not
+/// say which registry), and the rate limit each upstream last announced.
+pub struct PerRegistry {
+    lookups: IntCounterVec,
+    bytes_served: IntCounterVec,
+    ratelimit_limit: IntGaugeVec,
+    ratelimit_remaining: IntGaugeVec,
+    /// Resolved once per registry: a request only looks its registry up here, it never hashes
+    /// label values (`with_label_values`) on the hot path.
+    resolved: RwLock<HashMap<String, Arc<RegistrySeries>>>,
+}
+
+/// One registry's counters, resolved.
+pub struct RegistrySeries {
+    /// Manifest and blob requests answered from the caches.
+    pub hits: IntCounter,
+    /// Manifest and blob requests that went to the upstream (or followed a download).
+    pub misses: IntCounter,
+    pub bytes_from_cache: IntCounter,
+    pub bytes_from_upstream: IntCounter,
+}
+
+impl PerRegistry {
+    fn new(registry: &Registry) -> Self {
+        fn registered<M: prometheus::core::Collector + Clone + 'static>(
+            registry: &Registry,
+            metric: M,
+        ) -> M {
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
+            metric
+        }
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            let metric =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registered(registry, metric)
+        };
+        let gauges = |name: &str, help: &str| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), &["registry"])
+                .expect("valid metric definition");
+            registered(registry, metric)
+        };
+        Self {
+            lookups: counters(
+                "gantry_registry_lookups_total",
+                "Manifest and blob requests by registry and outcome (hit: answered from the caches, miss: from the upstream).",
+                &["registry", "outcome"],
+            ),
+            bytes_served: counters(
+                "gantry_registry_bytes_served_total",
+                "Blob and manifest bytes sent to clients, by registry and source (cache, upstream).",
+                &["registry", "source"],
+            ),
+            ratelimit_limit: gauges(
+                "gantry_upstream_ratelimit_limit",
+                "The request quota per window the upstream last announced (ratelimit-limit).",
+            ),
+            ratelimit_remaining: gauges(
+                "gantry_upstream_ratelimit_remaining",
+                "The requests left in the window the upstream last announced (ratelimit-remaining).",
+            ),
+            resolved: RwLock::default(),
+        }
+    }
+
+    /// The counters of `registry` (an upstream's name), resolved at its first request.
+    pub fn of(&self, registry: &str) -> Arc<RegistrySeries> {
+        if let Some(series) = self
+            .resolved
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(registry)
+        {
+            return Arc::clone(series);
+        }
+        let mut resolved = self.resolved.write().unwrap_or_else(|e| e.into_inner());
+        let series = resolved.entry(registry.to_owned()).or_insert_with(|| {
+            Arc::new(RegistrySeries {
+                hits: self.lookups.with_label_values(&[registry, "hit"]),
+                misses: self.lookups.with_label_values(&[registry, "miss"]),
+                bytes_from_cache: self.bytes_served.with_label_values(&[registry, "cache"]),
+                bytes_from_upstream: self.bytes_served.with_label_values(&[registry, "upstream"]),
+            })
+        });
+        Arc::clone(series)
+    }
+
+    /// Every registry with counters, by name.
+    pub fn all(&self) -> Vec<(String, Arc<RegistrySeries>)> {
+        let resolved = self.resolved.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = resolved
+            .iter()
+            .map(|(name, series)| (name.clone(), Arc::clone(series)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Exports the rate limit `registry`'s upstream announced last. Only announced limits get a
+    /// series: a registry that never sent one shows none rather than a misleading 0 remaining.
+    pub fn set_rate_limit(&self, registry: &str, limit: u64, remaining: u64) {
+        // Listed in the stats from now on, even if none of its answers reached a client.
+        self.of(registry);
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.ratelimit_limit
+            .with_label_values(&[registry])
+            .set(gauge(limit));
+        self.ratelimit_remaining
+            .with_label_values(&[registry])
+            .set(gauge(remaining));
+    }
+}
+
+impl Metrics {
+    /// Upstream answers that were failures, by registry: no answer at all, a 429 or a 5xx (a 404
+    /// or a 401 is the registry working).
+    pub fn upstream_errors_by_registry(&self) -> HashMap<String, u64> {
+        use prometheus::core::Collector;
+        let mut errors = HashMap::new();
+        for family in self.upstream_requests.collect() {
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                let registry = label("registry");
+                let status = label("status");
+                let failed = status == "error" || status == "429" || status.starts_with('5');
+                let count = errors.entry(registry).or_insert(0);
+                if failed {
+                    // Counters hold whole numbers; the float is the exposition type.
+                    *count += metric.get_counter().get_value() as u64;
+                }
+            }
+        }
+        errors
     }
 }
 

@@ -1,5 +1,6 @@
 //! A body wrapper that counts the bytes actually sent, frame by frame (a client that leaves early
-//! is counted for what it got, not for the Content-Length it was promised).
+//! is counted for what it got, not for the Content-Length it was promised), globally and for the
+//! registry that served it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,14 +9,42 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 
+use crate::metrics::Metrics;
+use crate::mirror::Target;
+
 pub struct Counted<B> {
     inner: B,
     counter: IntCounter,
+    /// The registry's own counter, beside the global one.
+    registry: Option<IntCounter>,
 }
 
 impl<B> Counted<B> {
     pub fn new(inner: B, counter: IntCounter) -> Self {
-        Self { inner, counter }
+        Self {
+            inner,
+            counter,
+            registry: None,
+        }
+    }
+
+    /// Counts the bytes under `counter` too.
+    pub fn also(mut self, counter: IntCounter) -> Self {
+        self.registry = Some(counter);
+        self
+    }
+}
+
+/// Counts one manifest or blob answer of `target`'s registry as a hit (`source` is `cache`) or a
+/// miss, and returns the counter its bytes go to.
+pub fn per_registry(metrics: &Metrics, target: &Target, source: &str) -> IntCounter {
+    let series = metrics.per_registry.of(target.registry.upstream.name());
+    if source == "cache" {
+        series.hits.inc();
+        series.bytes_from_cache.clone()
+    } else {
+        series.misses.inc();
+        series.bytes_from_upstream.clone()
     }
 }
 
@@ -34,6 +63,9 @@ where
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 self.counter.inc_by(data.len() as u64);
+                if let Some(registry) = &self.registry {
+                    registry.inc_by(data.len() as u64);
+                }
             }
         }
         polled

@@ -79,10 +79,21 @@ impl Api {
         decision_to_result(access.may_pull(identity, &qualified), "this repository")
     }
 
-    /// Counts what a body actually sends under `gantry_bytes_served_total{source}`.
-    fn counted(&self, response: Response<ResponseBody>, source: &str) -> Response<ResponseBody> {
+    /// Counts what a body actually sends under `gantry_bytes_served_total{source}`, and for
+    /// `target`'s registry (with the answer as a hit or a miss).
+    fn counted(
+        &self,
+        response: Response<ResponseBody>,
+        source: &str,
+        target: &Target,
+    ) -> Response<ResponseBody> {
         let counter = self.metrics.bytes_served.with_label_values(&[source]);
-        response.map(|body| counted::Counted::new(body, counter).boxed_unsync())
+        let registry = counted::per_registry(&self.metrics, target, source);
+        response.map(|body| {
+            counted::Counted::new(body, counter)
+                .also(registry)
+                .boxed_unsync()
+        })
     }
 
     pub async fn handle<B>(&self, request: Request<B>) -> (Response<ResponseBody>, Outcome) {
@@ -170,7 +181,7 @@ impl Api {
                     (false, false) => "miss",
                 };
                 let source = if manifest.cached { "cache" } else { "upstream" };
-                Ok(self.counted(manifest_response(manifest, request, head), source))
+                Ok(self.counted(manifest_response(manifest, request, head), source, &target))
             }
             Route::Blob { digest, .. } => {
                 let digest = Digest::parse(digest)?;
@@ -184,7 +195,7 @@ impl Api {
                     .headers()
                     .get(http::header::RANGE)
                     .and_then(|v| v.to_str().ok());
-                Ok(self.counted(blob_response(source, &digest, range, head), origin))
+                Ok(self.counted(blob_response(source, &digest, range, head), origin, &target))
             }
             Route::TagsList { .. } => {
                 self.listing(&target, name, "tags/list", query, ns.as_deref(), head)

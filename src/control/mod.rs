@@ -51,6 +51,19 @@ use history::History;
 
 /// The API's version prefix; a breaking change gets `/api/v2/` beside it.
 pub const API_PREFIX: &str = "/api/v1/";
+/// Every route the control plane answers, as (method, path). docs/openapi.yaml documents exactly
+/// these, and tests/control_inventory.rs checks both the file and the running router against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/api/v1/images"),
+    ("GET", "/api/v1/images/inspect"),
+    ("GET", "/api/v1/stats"),
+    ("GET", "/api/v1/history"),
+    ("POST", "/api/v1/purge"),
+    ("POST", "/api/v1/pin"),
+    ("POST", "/api/v1/unpin"),
+    ("POST", "/api/v1/refresh"),
+];
 /// Request bodies are lists of references: this is thousands of them.
 const MAX_BODY: usize = 256 << 10;
 
@@ -64,6 +77,8 @@ pub struct Control {
     /// The last hour of traffic for the status page; its sampler holds it weakly, so dropping
     /// the control plane ends the sampler.
     history: Arc<History>,
+    /// For the stats' `uptime_seconds`.
+    started: std::time::Instant,
 }
 
 /// The body of every mutating call: image references as users write them (`nginx:1.27`,
@@ -83,6 +98,7 @@ impl Control {
             redis: None,
             token,
             history: Arc::new(History::new(history::INTERVAL, history::POINTS)),
+            started: std::time::Instant::now(),
         }
     }
 

@@ -11,16 +11,37 @@
 //! (the commit included), so a graceful shutdown can wait for them ([`LocalCoordinator::drain`]):
 //! a client has its last byte once the digest is verified, before the fsync and rename, and a
 //! restart must not lose what it just downloaded.
+//!
+//! The operator's stats list the flights with their progress ([`LocalCoordinator::in_flight`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::download::{Flight, Progress};
+use super::download::{Flight, Phase, Progress};
 use crate::oci::Digest;
 
-type Flights = Arc<Mutex<HashMap<Digest, Arc<Flight>>>>;
+type Flights = Arc<Mutex<HashMap<Digest, Running>>>;
+
+/// A flight and when it was claimed.
+struct Running {
+    flight: Arc<Flight>,
+    started: Instant,
+}
+
+/// One download in flight, as the operator sees it.
+#[derive(Clone, Debug)]
+pub struct InFlight {
+    pub digest: Digest,
+    /// Bytes on disk so far.
+    pub received: u64,
+    /// As the origin announced it, once known.
+    pub size: Option<u64>,
+    /// Since the digest was claimed.
+    pub elapsed: Duration,
+}
 
 /// The answer to a claim.
 pub(super) enum Claim {
@@ -68,7 +89,7 @@ impl Drop for Claimed {
         // Only its own entry: a claim never frees a flight that succeeded it.
         if flights
             .get(&self.digest)
-            .is_some_and(|running| Arc::ptr_eq(running, &self.flight))
+            .is_some_and(|running| Arc::ptr_eq(&running.flight, &self.flight))
         {
             flights.remove(&self.digest);
         }
@@ -96,11 +117,17 @@ impl LocalCoordinator {
     /// asked under.
     pub fn claim(&self, digest: &Digest, repository: impl FnOnce() -> String) -> Claim {
         let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(flight) = flights.get(digest) {
-            return Claim::Follow(Arc::clone(flight));
+        if let Some(running) = flights.get(digest) {
+            return Claim::Follow(Arc::clone(&running.flight));
         }
         let (flight, progress) = Flight::new(repository());
-        flights.insert(digest.clone(), Arc::clone(&flight));
+        flights.insert(
+            digest.clone(),
+            Running {
+                flight: Arc::clone(&flight),
+                started: Instant::now(),
+            },
+        );
         self.tasks.send_modify(|running| *running += 1);
         Claim::Owner(Owner {
             task: RunningTask(Arc::clone(&self.tasks)),
@@ -120,7 +147,34 @@ impl LocalCoordinator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(digest)
-            .cloned()
+            .map(|running| Arc::clone(&running.flight))
+    }
+
+    /// Every download in flight with its progress, oldest first.
+    pub fn in_flight(&self) -> Vec<InFlight> {
+        let mut downloads: Vec<InFlight> = self
+            .flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(digest, running)| {
+                let progress = running.flight.progress();
+                let progress = progress.borrow();
+                let received = match progress.phase {
+                    Phase::Streaming { written } => written,
+                    Phase::Committed => progress.verified.or(progress.size).unwrap_or(0),
+                    Phase::Connecting | Phase::Failed(_) => 0,
+                };
+                InFlight {
+                    digest: digest.clone(),
+                    received,
+                    size: progress.size,
+                    elapsed: running.started.elapsed(),
+                }
+            })
+            .collect();
+        downloads.sort_by_key(|d| std::cmp::Reverse(d.elapsed));
+        downloads
     }
 
     /// Waits until every download task has ended, or until `deadline`. Returns how many were

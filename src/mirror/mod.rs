@@ -32,6 +32,7 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 
 pub use body::{Download, SourceBody};
+pub use coordinator::InFlight;
 pub use error::MirrorError;
 pub use hook::{CommitHook, Committed};
 pub use listing::Passthrough;
@@ -230,6 +231,13 @@ impl Mirror {
             self.link_if_new(target, digest).await;
         }
         Ok(BlobSource::Downloading(Download::new(flight, size, first)))
+    }
+}
+
+impl Mirror {
+    /// The blob downloads in flight in this process, with their progress (for the stats).
+    pub fn downloads(&self) -> Vec<InFlight> {
+        self.coordinator.in_flight()
     }
 }
 

@@ -36,7 +36,8 @@ pub(super) fn repository_request(
 }
 
 /// Sends `request` and returns the response if `ok` accepts its status; otherwise the failure to
-/// reach the upstream, or its error answer, as a [`MirrorError`].
+/// reach the upstream, or its error answer, as a [`MirrorError`]. Every answer's rate-limit
+/// headers are kept first (a 429 announces its limit too).
 pub(super) async fn send_ok(
     upstream: &Upstream,
     request: &UpstreamRequest,
@@ -46,6 +47,7 @@ pub(super) async fn send_ok(
         .send(request)
         .await
         .map_err(|e| upstream_failure(upstream, e))?;
+    upstream.observe_rate_limit(response.headers());
     if !ok(response.status()) {
         return Err(status_error(upstream, response).await);
     }

@@ -7,6 +7,7 @@
 mod address;
 mod auth;
 mod credentials;
+mod ratelimit;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub use address::{classify, AddressClass, AddressPolicy, AddressRefused};
 pub use auth::{Challenge, Credentials};
 use auth::{TokenCache, TokenResponse};
 pub use credentials::{CredentialError, CredentialSource};
+pub use ratelimit::{Observed as ObservedRateLimit, RateLimit};
 
 use crate::config::BaseUrl;
 use crate::metrics::Metrics;
@@ -187,6 +189,8 @@ pub struct Upstream {
     /// One token fetch per scope at a time: concurrent cold pulls of a repository share its token
     /// instead of each asking, and pulls of other repositories do not wait for it.
     token_fetches: SingleFlight<TokenKey, Result<HeaderValue, UpstreamError>>,
+    /// The latest rate limit it announced (see [`ratelimit`]).
+    rate_limit: ratelimit::Latest,
 }
 
 /// What a token is fetched for: the realm and service asked, the scope asked (the one the
@@ -210,6 +214,7 @@ impl Upstream {
             tokens: TokenCache::default(),
             challenge: Mutex::new(None),
             token_fetches: SingleFlight::new(),
+            rate_limit: ratelimit::Latest::default(),
         }
     }
 

@@ -11,6 +11,7 @@
 
 pub mod browser;
 pub mod clients;
+pub mod control;
 pub mod fake;
 pub mod garage;
 pub mod gauge;

@@ -1,0 +1,98 @@
+//! The control plane from the outside: gantry as a process with its admin listener on, and the
+//! operator CLI (`gantry ls`, `inspect`, `stats`, …) run as the binary against it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::process::GantryProcess;
+use super::{free_port, http_get, wait_until, Options};
+
+/// A gantry process whose admin listener (`/metrics`, `/api/v1/`) is on a known port.
+pub struct Operated {
+    pub gantry: GantryProcess,
+    /// `127.0.0.1:PORT` of the admin listener.
+    pub admin: String,
+}
+
+impl Operated {
+    /// Configures and starts gantry over `upstream_url` in `dir`, and waits until both its
+    /// client port and its admin listener answer.
+    pub async fn start(dir: &Path, upstream_url: &str, options: Options<'_>) -> Self {
+        let mut gantry = GantryProcess::configure(dir, upstream_url, options);
+        let admin = format!("127.0.0.1:{}", free_port());
+        let config = dir.join("gantry.yaml");
+        let yaml = std::fs::read_to_string(&config).unwrap();
+        assert!(yaml.contains("admin_listen: null"), "{yaml}");
+        std::fs::write(
+            &config,
+            yaml.replace("admin_listen: null", &format!("admin_listen: {admin}")),
+        )
+        .unwrap();
+        gantry.start().await;
+        let healthz = format!("http://{admin}/healthz");
+        let up = wait_until(Duration::from_secs(20), || {
+            let healthz = healthz.clone();
+            async move { http_get(&healthz, &[]).await.is_ok() }
+        })
+        .await;
+        assert!(up, "the admin listener did not answer:\n{}", gantry.log());
+        Self { gantry, admin }
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub async fn metrics(&self) -> String {
+        let reply = http_get(&self.admin_url("/metrics"), &[]).await.unwrap();
+        String::from_utf8(reply.body.to_vec()).unwrap()
+    }
+
+    /// Waits until no blob download is in flight (committed, so the catalogue has it).
+    pub async fn settled(&self) {
+        let idle = wait_until(Duration::from_secs(10), || async {
+            self.metrics()
+                .await
+                .lines()
+                .any(|line| line == "gantry_downloads_in_flight 0")
+        })
+        .await;
+        assert!(idle, "downloads still in flight after 10 s");
+    }
+
+    /// Runs `gantry ARGS… --admin http://ADMIN` and returns what it did.
+    pub async fn ctl(&self, args: &[&str]) -> Ctl {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+            .args(args)
+            .arg("--admin")
+            .arg(format!("http://{}", self.admin))
+            .env_remove("GANTRY_ADMIN_TOKEN")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("the gantry binary runs");
+        Ctl {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Runs a `--json` command that must succeed, and parses what it printed.
+    pub async fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let run = self.ctl(&args).await;
+        assert!(run.success, "gantry {args:?} failed: {run:?}");
+        serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("gantry {args:?} printed no JSON ({e}): {run:?}"))
+    }
+}
+
+/// One CLI run.
+#[derive(Debug)]
+pub struct Ctl {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
