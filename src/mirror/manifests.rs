@@ -15,7 +15,7 @@ use super::{Mirror, MirrorError, Target};
 use crate::oci::manifest::{encode_stored, split_stored, ManifestDoc};
 use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, MANIFEST_TYPES};
 use crate::store::StoredManifest;
-use crate::tags::{TagEntry, Tags};
+use crate::tags::{Negatives, TagEntry, Tags};
 use crate::upstream::{UpstreamError, UpstreamRequest};
 
 /// Manifest uploads to the object tier running at once, at most.
@@ -79,9 +79,15 @@ impl Mirror {
             }
         }
         self.metrics.cache_lookup("manifest", "miss");
+        let negative = digest_negative_key(target, digest);
+        if let Some(not_found) = self.negative_hit(target, &negative, "digest") {
+            return Err(not_found);
+        }
         let fetched = self
             .fetch_manifest(target, &digest.to_string(), accept)
-            .await?;
+            .await;
+        self.remember_not_found(target, negative, &fetched);
+        let fetched = fetched?;
         if fetched.digest != *digest {
             return Err(MirrorError::BadContent {
                 registry: target.registry.upstream.name().to_owned(),
@@ -113,14 +119,64 @@ impl Mirror {
                 return Ok(manifest.clone());
             }
         }
+        let negative = Negatives::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
+        if let Some(not_found) = self.negative_hit(target, &negative, "tag") {
+            return Err(not_found);
+        }
         // The slow path runs once per tag key at a time; concurrent requests share its answer, so
         // a burst of cold pulls costs the upstream (and a Docker Hub rate limit) one request.
-        self.tag_refreshes
+        let answer = self
+            .tag_refreshes
             .run(key.clone(), || {
                 self.refresh_tag(target, tag, accept, &key, cached, Stale::Serve)
             })
             .await
-            .value
+            .value;
+        self.remember_not_found(target, negative, &answer);
+        answer
+    }
+
+    /// The upstream's 404 again, if it answered one for `key` inside the negative TTL.
+    fn negative_hit(&self, target: &Target, key: &str, kind: &str) -> Option<MirrorError> {
+        let not_found = self.negatives.get(key)?;
+        self.metrics
+            .negative_cache_hits
+            .with_label_values(&[kind])
+            .inc();
+        Some(MirrorError::UpstreamStatus {
+            registry: target.registry.upstream.name().to_owned(),
+            status: StatusCode::NOT_FOUND,
+            retry_after: None,
+            body: not_found.body,
+        })
+    }
+
+    /// Remembers an upstream 404 for the registry's `negative_ttl`. Only a 404: an outage, a
+    /// 429 or a 5xx says nothing about whether the manifest exists.
+    fn remember_not_found<T>(&self, target: &Target, key: String, answer: &Result<T, MirrorError>) {
+        if let Err(MirrorError::UpstreamStatus { status, body, .. }) = answer {
+            if *status == StatusCode::NOT_FOUND {
+                self.negatives
+                    .put(key, body.clone(), self.negative_ttl(target));
+            }
+        }
+    }
+
+    fn negative_ttl(&self, target: &Target) -> std::time::Duration {
+        self.negative_ttls
+            .get(target.registry.upstream.name())
+            .copied()
+            .unwrap_or(self.default_negative_ttl)
+    }
+
+    /// Forgets the upstream's 404 for a manifest by digest, so the next request asks again.
+    pub fn forget_negative_digest(&self, registry: &str, repository: &str, digest: &Digest) {
+        self.negatives.remove(&[Negatives::key(
+            registry,
+            repository,
+            &digest.to_string(),
+            DIGEST_NEGATIVE,
+        )]);
     }
 
     /// Drops every cached answer for a tag, here and in Redis, so the next request for it goes
@@ -129,6 +185,8 @@ impl Mirror {
         self.tags
             .remove(&Tags::keys_of(registry, repository, tag))
             .await;
+        self.negatives
+            .remove(&Negatives::keys_of_tag(registry, repository, tag));
     }
 
     /// [`Self::forget_tag`] in this process only: for a purge another replica announced after
@@ -136,6 +194,8 @@ impl Mirror {
     pub fn forget_tag_locally(&self, registry: &str, repository: &str, tag: &str) {
         self.tags
             .remove_locally(&Tags::keys_of(registry, repository, tag));
+        self.negatives
+            .remove(&Negatives::keys_of_tag(registry, repository, tag));
     }
 
     /// Revalidates a tag with the upstream now, whatever its TTL, and updates the caches as an
@@ -163,6 +223,8 @@ impl Mirror {
             .value;
         match refreshed {
             Ok(manifest) => {
+                self.negatives
+                    .remove(&Negatives::keys_of_tag(registry, target.repo.as_str(), tag));
                 self.link_manifest(target, &manifest).await;
                 Ok(manifest.digest)
             }
@@ -458,6 +520,18 @@ impl Mirror {
             cached: false,
         })
     }
+}
+
+/// Where a digest's negative key has a tag's Accept set (a tag cannot contain a `:`).
+const DIGEST_NEGATIVE: &str = "digest";
+
+fn digest_negative_key(target: &Target, digest: &Digest) -> String {
+    Negatives::key(
+        target.registry.upstream.name(),
+        target.repo.as_str(),
+        &digest.to_string(),
+        DIGEST_NEGATIVE,
+    )
 }
 
 /// Whether a failed revalidation may answer with the cached manifest.

@@ -4,6 +4,7 @@
 //! `tags_cache_ttl` is the mirror's decision, so an entry past its TTL is still here to be served
 //! stale when the upstream is down. A cache failure is only ever a miss.
 
+mod negative;
 mod redis_store;
 
 use std::future::Future;
@@ -11,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use negative::{Negatives, NotFound};
 pub use redis_store::RedisTags;
 
 use crate::metrics::Metrics;
