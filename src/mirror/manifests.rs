@@ -223,6 +223,14 @@ impl Mirror {
             .value;
         match refreshed {
             Ok(manifest) => {
+                // What other Accept sets were answered was not revalidated: dropped, each is
+                // fetched again on its next request rather than served from before the refresh.
+                let any = Tags::any_key(registry, target.repo.as_str(), tag);
+                let others: Vec<String> = Tags::keys_of(registry, target.repo.as_str(), tag)
+                    .into_iter()
+                    .filter(|other| *other != key && *other != any)
+                    .collect();
+                self.tags.remove(&others).await;
                 self.negatives
                     .remove(&Negatives::keys_of_tag(registry, target.repo.as_str(), tag));
                 self.link_manifest(target, &manifest).await;
