@@ -113,6 +113,8 @@ pub struct Metrics {
     pub cluster_lease_claims: IntCounterVec,
     /// Lease renewals that got no answer from Redis (the lease may lapse to another replica).
     pub cluster_lease_renew_failures: IntCounter,
+    /// Manifest requests answered 404 from the negative cache, by kind (`tag`, `digest`).
+    pub negative_cache_hits: IntCounterVec,
     /// Lookups, bytes served and upstream rate limits by registry (see [`PerRegistry`]).
     pub per_registry: PerRegistry,
 }
@@ -291,6 +293,11 @@ impl Metrics {
             cluster_lease_renew_failures: counter(
                 "gantry_cluster_lease_renew_failures_total",
                 "Download lease renewals Redis did not answer; the lease lapses after cluster.lease_ttl without one.",
+            ),
+            negative_cache_hits: counter_vec(
+                "gantry_negative_cache_hits_total",
+                "Manifest requests answered 404 from the negative cache (mirroring.negative_ttl) without asking the upstream, by kind (tag, digest).",
+                &["kind"],
             ),
             per_registry: PerRegistry::new(&registry),
             registry,

@@ -591,3 +591,86 @@ async fn redis_down_at_start_is_picked_up_when_it_runs() {
     assert_eq!(redis.keys(key).await, vec![key.to_owned()]);
     assert_eq!(tags.get(key).await.unwrap(), Some(entry));
 }
+
+/// The control plane's facade on the mirror itself: a retag upstream is invisible inside the TTL
+/// until `refresh_tag_now`, which returns the new digest and makes every client see it; after
+/// `forget_tag` the next request goes upstream; a tag gone upstream is the upstream's 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_tag_now_shows_a_retag_inside_the_ttl_and_forget_tag_sends_the_next_request_upstream(
+) {
+    use gantry::mirror::MirrorError;
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let registry = common::Registry::start().await;
+    let gantry = Gantry::start(&format!("http://{}", registry.host())).await;
+    let layout_dir = tempfile::tempdir().unwrap();
+    let mut layout = common::Layout::new(layout_dir.path());
+    let first = layout.image("amd64", &[1_000], 11);
+    layout.tag_image("v1", &first);
+    layout.write_index();
+    common::push(layout_dir.path(), "v1", &registry.host(), "test/retag").await;
+    let reply = get_tag(&gantry, "test/retag:v1", ACCEPT_ALL).await;
+    assert_eq!(
+        reply.header("docker-content-digest"),
+        Some(first.manifest_digest.as_str())
+    );
+
+    let second_dir = tempfile::tempdir().unwrap();
+    let mut second_layout = common::Layout::new(second_dir.path());
+    let second = second_layout.image("amd64", &[2_000], 12);
+    second_layout.tag_image("v1", &second);
+    second_layout.write_index();
+    common::push(second_dir.path(), "v1", &registry.host(), "test/retag").await;
+    let reply = get_tag(&gantry, "test/retag:v1", ACCEPT_ALL).await;
+    assert_eq!(
+        reply.header("docker-content-digest"),
+        Some(first.manifest_digest.as_str()),
+        "inside the TTL the retag is not seen"
+    );
+
+    let mirror = &gantry.running.as_ref().unwrap().mirror;
+    let target = mirror.resolve(None, "test/retag").unwrap();
+    let refreshed = mirror.refresh_tag_now(&target, "v1").await.unwrap();
+    assert_eq!(refreshed.to_string(), second.manifest_digest);
+    let reply = get_tag(&gantry, "test/retag:v1", ACCEPT_ALL).await;
+    assert_eq!(
+        reply.header("docker-content-digest"),
+        Some(second.manifest_digest.as_str()),
+        "after the refresh, inside the TTL"
+    );
+
+    let upstream_gets = || async {
+        let series = format!(
+            r#"gantry_upstream_requests_total{{method="GET",registry="{}",route="registry",status="200"}}"#,
+            registry.host()
+        );
+        value(&gantry.metrics().await, &series)
+    };
+    let before = upstream_gets().await;
+    assert_eq!(
+        get_tag(&gantry, "test/retag:v1", ACCEPT_ALL).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream_gets().await, before, "a cached tag asks nothing");
+    mirror
+        .forget_tag(target.registry.upstream.name(), target.repo.as_str(), "v1")
+        .await;
+    let reply = get_tag(&gantry, "test/retag:v1", ACCEPT_ALL).await;
+    assert_eq!(
+        reply.header("docker-content-digest"),
+        Some(second.manifest_digest.as_str())
+    );
+    assert_eq!(
+        upstream_gets().await,
+        before + 1.0,
+        "forgotten: fetched again"
+    );
+
+    match mirror.refresh_tag_now(&target, "missing").await {
+        Err(MirrorError::UpstreamStatus { status, .. }) => {
+            assert_eq!(status, StatusCode::NOT_FOUND)
+        }
+        other => panic!("expected the upstream's 404, got {other:?}"),
+    }
+}

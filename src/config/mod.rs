@@ -117,6 +117,8 @@ pub struct Mirroring {
     /// Accepted for compatibility; the token realm comes from `WWW-Authenticate`.
     pub source_index: Option<BaseUrl>,
     pub tags_cache_ttl: Seconds,
+    /// How long an upstream 404 for a tag or manifest is answered without asking again (0: off).
+    pub negative_ttl: Seconds,
     pub username: Option<Text>,
     pub password: Option<Secret>,
     /// A docker `config.json` whose `auths` (or `credHelpers`/`credsStore`) hold the credentials.
@@ -161,6 +163,9 @@ pub struct Registry {
     /// Overrides `mirroring.tags_cache_ttl` for this registry.
     #[serde(default)]
     pub tags_cache_ttl: Option<Seconds>,
+    /// Overrides `mirroring.negative_ttl` for this registry.
+    #[serde(default)]
+    pub negative_ttl: Option<Seconds>,
 }
 
 /// How gantry reaches and authenticates to one upstream, the same for `mirroring` and each
@@ -413,6 +418,7 @@ impl Default for Mirroring {
             source: BaseUrl(http::Uri::from_static("https://registry-1.docker.io")),
             source_index: None,
             tags_cache_ttl: Seconds(std::time::Duration::from_secs(600)),
+            negative_ttl: Seconds(std::time::Duration::from_secs(30)),
             username: None,
             password: None,
             docker_config: None,

@@ -6,16 +6,16 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{HeaderMap, Method, StatusCode};
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use super::scope::MAX_LINKS_PER_MANIFEST;
 use super::send::{repository_request, send_ok, upstream_failure};
 use super::{Mirror, MirrorError, Target};
 use crate::oci::manifest::{encode_stored, split_stored, ManifestDoc};
-use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
+use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, MANIFEST_TYPES};
 use crate::store::StoredManifest;
-use crate::tags::{TagEntry, Tags};
+use crate::tags::{Negatives, TagEntry, Tags};
 use crate::upstream::{UpstreamError, UpstreamRequest};
 
 /// Manifest uploads to the object tier running at once, at most.
@@ -79,9 +79,15 @@ impl Mirror {
             }
         }
         self.metrics.cache_lookup("manifest", "miss");
+        let negative = digest_negative_key(target, digest);
+        if let Some(not_found) = self.negative_hit(target, &negative, "digest") {
+            return Err(not_found);
+        }
         let fetched = self
             .fetch_manifest(target, &digest.to_string(), accept)
-            .await?;
+            .await;
+        self.remember_not_found(target, negative, &fetched);
+        let fetched = fetched?;
         if fetched.digest != *digest {
             return Err(MirrorError::BadContent {
                 registry: target.registry.upstream.name().to_owned(),
@@ -113,14 +119,130 @@ impl Mirror {
                 return Ok(manifest.clone());
             }
         }
+        let negative = Negatives::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
+        if let Some(not_found) = self.negative_hit(target, &negative, "tag") {
+            return Err(not_found);
+        }
         // The slow path runs once per tag key at a time; concurrent requests share its answer, so
         // a burst of cold pulls costs the upstream (and a Docker Hub rate limit) one request.
-        self.tag_refreshes
+        let answer = self
+            .tag_refreshes
             .run(key.clone(), || {
-                self.refresh_tag(target, tag, accept, &key, cached)
+                self.refresh_tag(target, tag, accept, &key, cached, Stale::Serve)
             })
             .await
-            .value
+            .value;
+        self.remember_not_found(target, negative, &answer);
+        answer
+    }
+
+    /// The upstream's 404 again, if it answered one for `key` inside the negative TTL.
+    fn negative_hit(&self, target: &Target, key: &str, kind: &str) -> Option<MirrorError> {
+        let not_found = self.negatives.get(key)?;
+        self.metrics
+            .negative_cache_hits
+            .with_label_values(&[kind])
+            .inc();
+        Some(MirrorError::UpstreamStatus {
+            registry: target.registry.upstream.name().to_owned(),
+            status: StatusCode::NOT_FOUND,
+            retry_after: None,
+            body: not_found.body,
+        })
+    }
+
+    /// Remembers an upstream 404 for the registry's `negative_ttl`. Only a 404: an outage, a
+    /// 429 or a 5xx says nothing about whether the manifest exists.
+    fn remember_not_found<T>(&self, target: &Target, key: String, answer: &Result<T, MirrorError>) {
+        if let Err(MirrorError::UpstreamStatus { status, body, .. }) = answer {
+            if *status == StatusCode::NOT_FOUND {
+                self.negatives
+                    .put(key, body.clone(), self.negative_ttl(target));
+            }
+        }
+    }
+
+    fn negative_ttl(&self, target: &Target) -> std::time::Duration {
+        self.negative_ttls
+            .get(target.registry.upstream.name())
+            .copied()
+            .unwrap_or(self.default_negative_ttl)
+    }
+
+    /// Forgets the upstream's 404 for a manifest by digest, so the next request asks again.
+    pub fn forget_negative_digest(&self, registry: &str, repository: &str, digest: &Digest) {
+        self.negatives.remove(&[Negatives::key(
+            registry,
+            repository,
+            &digest.to_string(),
+            DIGEST_NEGATIVE,
+        )]);
+    }
+
+    /// Drops every cached answer for a tag, here and in Redis, so the next request for it goes
+    /// upstream. `registry` is the upstream's name (`Upstream::name`), `repository` normalized.
+    pub async fn forget_tag(&self, registry: &str, repository: &str, tag: &str) {
+        self.tags
+            .remove(&Tags::keys_of(registry, repository, tag))
+            .await;
+        self.negatives
+            .remove(&Negatives::keys_of_tag(registry, repository, tag));
+    }
+
+    /// [`Self::forget_tag`] in this process only: for a purge another replica announced after
+    /// clearing Redis itself.
+    pub fn forget_tag_locally(&self, registry: &str, repository: &str, tag: &str) {
+        self.tags
+            .remove_locally(&Tags::keys_of(registry, repository, tag));
+        self.negatives
+            .remove(&Negatives::keys_of_tag(registry, repository, tag));
+    }
+
+    /// Revalidates a tag with the upstream now, whatever its TTL, and updates the caches as an
+    /// expired entry's revalidation does; returns the digest it names for a client accepting
+    /// every manifest type. An upstream failure is an error here, never a stale answer (the
+    /// operator asked for the upstream's word); an upstream 404 also drops the tag's cache.
+    pub async fn refresh_tag_now(&self, target: &Target, tag: &str) -> Result<Digest, MirrorError> {
+        let accept = every_manifest_type();
+        let registry = target.registry.upstream.name();
+        let key = Tags::key(registry, target.repo.as_str(), tag, &accept.key());
+        let cached = match self.tags.get(&key).await {
+            Some(entry) => self
+                .stored_for_tag(&entry)
+                .await
+                .map(|manifest| (entry, manifest)),
+            None => None,
+        };
+        // Its own flight: joining a request's would hand back a stale answer on a failure.
+        let refreshed = self
+            .tag_refreshes
+            .run(format!("refresh:{key}"), || {
+                self.refresh_tag(target, tag, accept, &key, cached, Stale::Fail)
+            })
+            .await
+            .value;
+        match refreshed {
+            Ok(manifest) => {
+                // What other Accept sets were answered was not revalidated: dropped, each is
+                // fetched again on its next request rather than served from before the refresh.
+                let any = Tags::any_key(registry, target.repo.as_str(), tag);
+                let others: Vec<String> = Tags::keys_of(registry, target.repo.as_str(), tag)
+                    .into_iter()
+                    .filter(|other| *other != key && *other != any)
+                    .collect();
+                self.tags.remove(&others).await;
+                self.negatives
+                    .remove(&Negatives::keys_of_tag(registry, target.repo.as_str(), tag));
+                self.link_manifest(target, &manifest).await;
+                Ok(manifest.digest)
+            }
+            Err(error) => {
+                if is_not_found(&error) {
+                    self.forget_tag(registry, target.repo.as_str(), tag).await;
+                }
+                Err(error)
+            }
+        }
     }
 
     /// A tag that is not cached, or cached past its TTL: fetch it, or revalidate it with a HEAD.
@@ -131,6 +253,7 @@ impl Mirror {
         accept: AcceptSet,
         key: &str,
         cached: Option<(TagEntry, Manifest)>,
+        stale: Stale,
     ) -> Result<Manifest, MirrorError> {
         let Some((entry, manifest)) = cached else {
             self.metrics.cache_lookup("tag", "miss");
@@ -139,7 +262,7 @@ impl Mirror {
                     self.remember_tag(target, tag, key, &manifest).await;
                     Ok(manifest)
                 }
-                Err(error) if error.serves_stale() => {
+                Err(error) if stale.allowed(&error) => {
                     match self.any_cached_answer(target, tag, accept).await {
                         Some(manifest) => Ok(self.stale(manifest, &error)),
                         None => Err(error),
@@ -171,11 +294,11 @@ impl Mirror {
                         self.remember_tag(target, tag, key, &fresh).await;
                         Ok(fresh)
                     }
-                    Err(error) if error.serves_stale() => Ok(self.stale(manifest, &error)),
+                    Err(error) if stale.allowed(&error) => Ok(self.stale(manifest, &error)),
                     Err(error) => Err(error),
                 }
             }
-            Err(error) if error.serves_stale() => {
+            Err(error) if stale.allowed(&error) => {
                 self.metrics
                     .tag_revalidations
                     .with_label_values(&["failed"])
@@ -405,6 +528,51 @@ impl Mirror {
             cached: false,
         })
     }
+}
+
+/// Where a digest's negative key has a tag's Accept set (a tag cannot contain a `:`).
+const DIGEST_NEGATIVE: &str = "digest";
+
+fn digest_negative_key(target: &Target, digest: &Digest) -> String {
+    Negatives::key(
+        target.registry.upstream.name(),
+        target.repo.as_str(),
+        &digest.to_string(),
+        DIGEST_NEGATIVE,
+    )
+}
+
+/// Whether a failed revalidation may answer with the cached manifest.
+#[derive(Clone, Copy)]
+enum Stale {
+    /// A client's request: an upstream failure serves what is cached.
+    Serve,
+    /// An operator's refresh: it reports the failure.
+    Fail,
+}
+
+impl Stale {
+    fn allowed(self, error: &MirrorError) -> bool {
+        matches!(self, Self::Serve) && error.serves_stale()
+    }
+}
+
+/// The Accept set of a client taking every manifest type gantry knows.
+fn every_manifest_type() -> AcceptSet {
+    let mut headers = HeaderMap::new();
+    for media_type in MANIFEST_TYPES {
+        headers.append(ACCEPT, HeaderValue::from_static(media_type));
+    }
+    AcceptSet::from_headers(&headers)
+}
+
+/// The upstream's "no such manifest": a 404, whatever its OCI code (`MANIFEST_UNKNOWN`,
+/// `NAME_UNKNOWN`, or none).
+fn is_not_found(error: &MirrorError) -> bool {
+    matches!(
+        error,
+        MirrorError::UpstreamStatus { status, .. } if *status == StatusCode::NOT_FOUND
+    )
 }
 
 fn manifest_request(

@@ -111,6 +111,11 @@ pub struct Mirror {
     manifest_uploads: Arc<tokio::sync::Semaphore>,
     /// Download leases and peer reads across replicas (`cluster:`).
     cluster: Option<Cluster>,
+    /// Upstream 404s for tags and manifests, answered again for `mirroring.negative_ttl`.
+    negatives: crate::tags::Negatives,
+    /// `negative_ttl` by upstream name, for the registries that override `mirroring.negative_ttl`.
+    negative_ttls: std::collections::HashMap<String, Duration>,
+    default_negative_ttl: Duration,
 }
 
 /// What a replica of a fleet uses to make one upstream fetch per blob for all of them.
@@ -149,6 +154,16 @@ impl Mirror {
             object_tier: None,
             manifest_uploads: Arc::new(tokio::sync::Semaphore::new(manifests::MANIFEST_UPLOADS)),
             cluster: None,
+            negatives: crate::tags::Negatives::new(),
+            negative_ttls: config
+                .registries
+                .iter()
+                .filter_map(|entry| {
+                    let ttl = entry.negative_ttl?;
+                    Some((entry.host.0.to_ascii_lowercase(), ttl.0))
+                })
+                .collect(),
+            default_negative_ttl: config.mirroring.negative_ttl.0,
         })
     }
 
