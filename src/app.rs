@@ -12,6 +12,7 @@ use crate::access::{Access, AccessError};
 use crate::api::Api;
 use crate::cluster::{Leases, Peers};
 use crate::config::Config;
+use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::mirror::{uploader, Cluster, CommitHook, Mirror, UPLOAD_QUEUE};
 use crate::redis::Redis;
@@ -52,6 +53,8 @@ pub struct App {
     /// The shared Redis (`cache.redis`), if configured.
     pub redis: Option<Redis>,
     pub api: Api,
+    /// The operator's control plane, served on the admin listener.
+    pub control: Arc<Control>,
     /// Users and their repository grants (`auth:`), reloaded on SIGHUP.
     pub access: Option<Arc<Access>>,
     /// The client listener's certificate (`tls:`), reloaded on SIGHUP.
@@ -118,6 +121,15 @@ impl App {
         };
         let api = Api::new(Arc::clone(&mirror), Arc::clone(&metrics), access.clone())
             .with_cluster(config.cluster.as_ref());
+        let control = Arc::new(
+            Control::new(
+                Arc::clone(&mirror),
+                Arc::clone(&metrics),
+                config.admin.token.clone(),
+            )
+            .with_object_tier(object_tier.clone())
+            .with_redis(redis.clone()),
+        );
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(TlsState::load(files)?)),
             None => None,
@@ -130,6 +142,7 @@ impl App {
             mirror,
             redis,
             api,
+            control,
             access,
             tls,
         })

@@ -13,6 +13,8 @@ pub mod app;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod control;
+pub mod ctl;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use gantry::cli;
+use gantry::ctl::{self, AdminArgs, ListFilter};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +45,61 @@ enum Command {
         /// Image references: alpine:3.20, ghcr.io/owner/app:v1, redis@sha256:…
         images: Vec<String>,
     },
+    /// List cached images (registry, repository, tag, digest, size, pulls, pinned).
+    Ls {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only registries matching this glob (`docker.io`, `*.example.com`).
+        #[arg(long)]
+        registry: Option<String>,
+        /// Only repositories matching this glob (`library/*`).
+        #[arg(long)]
+        repository: Option<String>,
+        /// At most this many images.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show one cached image: its manifests, platforms and blobs, and where each is held.
+    Inspect {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// `nginx:1.27`, `ghcr.io/org/app@sha256:…`
+        image: String,
+    },
+    /// Purge images: tags, manifests and the blobs no other cached image references.
+    Rm {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Images (`nginx:1.27`), digests (`sha256:…`) or repository globs (`ghcr.io/org/*`).
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Pin images: their manifests and blobs are never evicted.
+    Pin {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Unpin images.
+    Unpin {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Revalidate tags against their upstream now, whatever their TTL.
+    Refresh {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Hit ratios, bytes saved, downloads in flight, store usage, upstream rate-limit headroom.
+    Stats {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Offline store maintenance: clear tmp/, evict to storage.max_size, optionally re-verify.
     ///
     /// Exits 0 when done, 1 when gc could not run, and 2 when --verify removed corrupt entries.
@@ -68,5 +124,24 @@ fn main() -> ExitCode {
             file,
             images,
         } => cli::warm(&mirror, platform, file.as_deref(), images),
+        Command::Ls {
+            admin,
+            registry,
+            repository,
+            limit,
+        } => ctl::ls(
+            &admin,
+            &ListFilter {
+                registry,
+                repository,
+                limit,
+            },
+        ),
+        Command::Inspect { admin, image } => ctl::inspect(&admin, &image),
+        Command::Rm { admin, references } => ctl::rm(&admin, &references),
+        Command::Pin { admin, images } => ctl::pin(&admin, &images),
+        Command::Unpin { admin, images } => ctl::unpin(&admin, &images),
+        Command::Refresh { admin, images } => ctl::refresh(&admin, &images),
+        Command::Stats { admin } => ctl::stats(&admin),
     }
 }

@@ -41,7 +41,21 @@ pub struct Config {
     pub log: Log,
     /// Replicas sharing one Redis that fetch each blob from the upstream once between them.
     pub cluster: Option<ClusterConfig>,
+    /// The control plane on the admin listener (`/api/v1/`, the status page).
+    pub admin: Admin,
 }
+
+/// The `admin:` section: who may change the cache through the control plane.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Mutating control-plane calls need `Authorization: Bearer <token>`. Without one they are
+    /// accepted only from loopback, so an admin listener bound to a network address is read-only.
+    pub token: Option<Secret>,
+}
+
+/// The shortest admin token accepted: it guards purging the whole cache.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -377,6 +391,7 @@ impl Default for Config {
             limits: Limits::default(),
             log: Log::default(),
             cluster: None,
+            admin: Admin::default(),
         }
     }
 }
@@ -573,6 +588,14 @@ impl Config {
                 self.tls.is_some(),
                 &mut problems,
             );
+        }
+        if let Some(token) = &self.admin.token {
+            let token = token.expose();
+            if token.len() < MIN_ADMIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                problems.push(format!(
+                    "admin.token: must be at least {MIN_ADMIN_TOKEN_LEN} printable characters without spaces"
+                ));
+            }
         }
         if self.limits.max_manifest_size.0 < 4 << 20 {
             problems.push(

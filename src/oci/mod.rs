@@ -7,11 +7,15 @@
 mod digest;
 mod error;
 pub mod host;
+mod image;
 pub mod manifest;
 mod media;
 mod name;
+mod query;
 
 pub use digest::{Algorithm, Digest, DigestHasher};
 pub use error::{ErrorCode, OciError};
+pub use image::ImageRef;
 pub use media::{AcceptSet, MediaType, MANIFEST_TYPES};
 pub use name::{Reference, RepoName, Tag};
+pub use query::query_param;

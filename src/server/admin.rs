@@ -1,7 +1,9 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (store writable;
 //! Redis reachable when configured, though a Redis outage only degrades, it does not unready; the
-//! object tier's state is shown the same way: down, local disk and upstreams still serve).
+//! object tier's state is shown the same way: down, local disk and upstreams still serve), and
+//! the control plane (`/` and `/api/v1/`, see [`crate::control`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,6 +12,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use crate::api::ResponseBody;
+use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::store::object::ObjectTier;
@@ -19,14 +22,16 @@ pub struct Admin {
     mirror: Arc<Mirror>,
     metrics: Arc<Metrics>,
     object_tier: Option<Arc<ObjectTier>>,
+    control: Arc<Control>,
 }
 
 impl Admin {
-    pub fn new(mirror: Arc<Mirror>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(mirror: Arc<Mirror>, metrics: Arc<Metrics>, control: Arc<Control>) -> Self {
         Self {
             mirror,
             metrics,
             object_tier: None,
+            control,
         }
     }
 
@@ -36,7 +41,18 @@ impl Admin {
         self
     }
 
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody> {
+    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if Control::owns(request.uri().path()) {
+            return self
+                .control
+                .handle(request, peer)
+                .await
+                .map(|body| body.map_err(|never| match never {}).boxed_unsync());
+        }
         match request.uri().path() {
             "/metrics" => text(
                 StatusCode::OK,

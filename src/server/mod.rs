@@ -94,6 +94,7 @@ pub async fn serve(app: App) -> Result<Running, StartError> {
         mirror,
         object_tier,
         api,
+        control,
         access,
         tls,
         ..
@@ -149,11 +150,11 @@ pub async fn serve(app: App) -> Result<Running, StartError> {
         )));
     }
     if let Some(admin_listener) = admin_listener {
-        let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics))
+        let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics), control)
             .with_object_tier(object_tier);
-        let handler = move |_peer: SocketAddr, request: Request<Incoming>| {
+        let handler = move |peer: SocketAddr, request: Request<Incoming>| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(admin.handle(request).await) }
+            async move { Ok::<_, Infallible>(admin.handle(request, peer).await) }
         };
         tasks.push(tokio::spawn(accept_loop(
             admin_listener,
