@@ -6,14 +6,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{HeaderMap, Method, StatusCode};
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use super::scope::MAX_LINKS_PER_MANIFEST;
 use super::send::{repository_request, send_ok, upstream_failure};
 use super::{Mirror, MirrorError, Target};
 use crate::oci::manifest::{encode_stored, split_stored, ManifestDoc};
-use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
+use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, MANIFEST_TYPES};
 use crate::store::StoredManifest;
 use crate::tags::{TagEntry, Tags};
 use crate::upstream::{UpstreamError, UpstreamRequest};
@@ -117,10 +117,62 @@ impl Mirror {
         // a burst of cold pulls costs the upstream (and a Docker Hub rate limit) one request.
         self.tag_refreshes
             .run(key.clone(), || {
-                self.refresh_tag(target, tag, accept, &key, cached)
+                self.refresh_tag(target, tag, accept, &key, cached, Stale::Serve)
             })
             .await
             .value
+    }
+
+    /// Drops every cached answer for a tag, here and in Redis, so the next request for it goes
+    /// upstream. `registry` is the upstream's name (`Upstream::name`), `repository` normalized.
+    pub async fn forget_tag(&self, registry: &str, repository: &str, tag: &str) {
+        self.tags
+            .remove(&Tags::keys_of(registry, repository, tag))
+            .await;
+    }
+
+    /// [`Self::forget_tag`] in this process only: for a purge another replica announced after
+    /// clearing Redis itself.
+    pub fn forget_tag_locally(&self, registry: &str, repository: &str, tag: &str) {
+        self.tags
+            .remove_locally(&Tags::keys_of(registry, repository, tag));
+    }
+
+    /// Revalidates a tag with the upstream now, whatever its TTL, and updates the caches as an
+    /// expired entry's revalidation does; returns the digest it names for a client accepting
+    /// every manifest type. An upstream failure is an error here, never a stale answer (the
+    /// operator asked for the upstream's word); an upstream 404 also drops the tag's cache.
+    pub async fn refresh_tag_now(&self, target: &Target, tag: &str) -> Result<Digest, MirrorError> {
+        let accept = every_manifest_type();
+        let registry = target.registry.upstream.name();
+        let key = Tags::key(registry, target.repo.as_str(), tag, &accept.key());
+        let cached = match self.tags.get(&key).await {
+            Some(entry) => self
+                .stored_for_tag(&entry)
+                .await
+                .map(|manifest| (entry, manifest)),
+            None => None,
+        };
+        // Its own flight: joining a request's would hand back a stale answer on a failure.
+        let refreshed = self
+            .tag_refreshes
+            .run(format!("refresh:{key}"), || {
+                self.refresh_tag(target, tag, accept, &key, cached, Stale::Fail)
+            })
+            .await
+            .value;
+        match refreshed {
+            Ok(manifest) => {
+                self.link_manifest(target, &manifest).await;
+                Ok(manifest.digest)
+            }
+            Err(error) => {
+                if is_not_found(&error) {
+                    self.forget_tag(registry, target.repo.as_str(), tag).await;
+                }
+                Err(error)
+            }
+        }
     }
 
     /// A tag that is not cached, or cached past its TTL: fetch it, or revalidate it with a HEAD.
@@ -131,6 +183,7 @@ impl Mirror {
         accept: AcceptSet,
         key: &str,
         cached: Option<(TagEntry, Manifest)>,
+        stale: Stale,
     ) -> Result<Manifest, MirrorError> {
         let Some((entry, manifest)) = cached else {
             self.metrics.cache_lookup("tag", "miss");
@@ -139,7 +192,7 @@ impl Mirror {
                     self.remember_tag(target, tag, key, &manifest).await;
                     Ok(manifest)
                 }
-                Err(error) if error.serves_stale() => {
+                Err(error) if stale.allowed(&error) => {
                     match self.any_cached_answer(target, tag, accept).await {
                         Some(manifest) => Ok(self.stale(manifest, &error)),
                         None => Err(error),
@@ -171,11 +224,11 @@ impl Mirror {
                         self.remember_tag(target, tag, key, &fresh).await;
                         Ok(fresh)
                     }
-                    Err(error) if error.serves_stale() => Ok(self.stale(manifest, &error)),
+                    Err(error) if stale.allowed(&error) => Ok(self.stale(manifest, &error)),
                     Err(error) => Err(error),
                 }
             }
-            Err(error) if error.serves_stale() => {
+            Err(error) if stale.allowed(&error) => {
                 self.metrics
                     .tag_revalidations
                     .with_label_values(&["failed"])
@@ -405,6 +458,39 @@ impl Mirror {
             cached: false,
         })
     }
+}
+
+/// Whether a failed revalidation may answer with the cached manifest.
+#[derive(Clone, Copy)]
+enum Stale {
+    /// A client's request: an upstream failure serves what is cached.
+    Serve,
+    /// An operator's refresh: it reports the failure.
+    Fail,
+}
+
+impl Stale {
+    fn allowed(self, error: &MirrorError) -> bool {
+        matches!(self, Self::Serve) && error.serves_stale()
+    }
+}
+
+/// The Accept set of a client taking every manifest type gantry knows.
+fn every_manifest_type() -> AcceptSet {
+    let mut headers = HeaderMap::new();
+    for media_type in MANIFEST_TYPES {
+        headers.append(ACCEPT, HeaderValue::from_static(media_type));
+    }
+    AcceptSet::from_headers(&headers)
+}
+
+/// The upstream's "no such manifest": a 404, whatever its OCI code (`MANIFEST_UNKNOWN`,
+/// `NAME_UNKNOWN`, or none).
+fn is_not_found(error: &MirrorError) -> bool {
+    matches!(
+        error,
+        MirrorError::UpstreamStatus { status, .. } if *status == StatusCode::NOT_FOUND
+    )
 }
 
 fn manifest_request(

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use redis_store::RedisTags;
 
 use crate::metrics::Metrics;
+use crate::oci::{AcceptSet, MANIFEST_TYPES};
 
 /// How long an entry is kept at all (to answer stale during an outage), whatever the TTL.
 pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
@@ -22,6 +23,23 @@ const MEMORY_CAPACITY: u64 = 100_000;
 /// Manifests up to this size are shared through Redis with the tags that name them, so a tag
 /// cached by one replica is a complete answer on another. Larger ones are fetched by digest.
 pub const MAX_SHARED_MANIFEST: usize = 1 << 20;
+
+/// Every Accept set a client can send (each subset of [`MANIFEST_TYPES`]), built through the
+/// parser so the keys match the ones requests make.
+fn every_accept_set() -> impl Iterator<Item = AcceptSet> {
+    (0u32..1 << MANIFEST_TYPES.len()).map(|bits| {
+        let mut headers = http::HeaderMap::new();
+        for (index, media_type) in MANIFEST_TYPES.iter().enumerate() {
+            if bits & (1 << index) != 0 {
+                headers.append(
+                    http::header::ACCEPT,
+                    http::HeaderValue::from_static(media_type),
+                );
+            }
+        }
+        AcceptSet::from_headers(&headers)
+    })
+}
 
 /// What a tag pointed at when last confirmed with the upstream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,15 +92,16 @@ pub enum TagError {
     Decode(#[from] serde_json::Error),
 }
 
-/// The in-process level, always on.
+/// The in-process level, always on. moka's sync cache, so a purge announced by another replica
+/// can be applied without an executor.
 pub struct MemoryTags {
-    cache: moka::future::Cache<String, TagEntry>,
+    cache: moka::sync::Cache<String, TagEntry>,
 }
 
 impl MemoryTags {
     pub fn new() -> Self {
         Self {
-            cache: moka::future::Cache::builder()
+            cache: moka::sync::Cache::builder()
                 .max_capacity(MEMORY_CAPACITY)
                 .time_to_live(RETENTION)
                 .build(),
@@ -98,12 +117,20 @@ impl Default for MemoryTags {
 
 impl TagStore for MemoryTags {
     async fn get(&self, key: &str) -> Result<Option<TagEntry>, TagError> {
-        Ok(self.cache.get(key).await)
+        Ok(self.cache.get(key))
     }
 
     async fn put(&self, key: &str, entry: &TagEntry) -> Result<(), TagError> {
-        self.cache.insert(key.to_owned(), entry.clone()).await;
+        self.cache.insert(key.to_owned(), entry.clone());
         Ok(())
+    }
+}
+
+impl MemoryTags {
+    pub fn remove(&self, keys: &[String]) {
+        for key in keys {
+            self.cache.invalidate(key);
+        }
     }
 }
 
@@ -133,6 +160,15 @@ impl Tags {
         format!("gantry:tag:v1:{registry}/{repository}:{tag}:any")
     }
 
+    /// Every key a tag can be cached under: each Accept set's, and the `any` fallback.
+    pub fn keys_of(registry: &str, repository: &str, tag: &str) -> Vec<String> {
+        let mut keys: Vec<String> = every_accept_set()
+            .map(|accept| Self::key(registry, repository, tag, &accept.key()))
+            .collect();
+        keys.push(Self::any_key(registry, repository, tag));
+        keys
+    }
+
     pub async fn get(&self, key: &str) -> Option<TagEntry> {
         if let Ok(Some(entry)) = self.memory.get(key).await {
             return Some(entry);
@@ -158,6 +194,22 @@ impl Tags {
                 self.redis_failed(&error);
             }
         }
+    }
+
+    /// Drops entries from memory and from Redis (a Redis failure is logged and counted: the
+    /// entries then age out there, at worst [`RETENTION`]).
+    pub async fn remove(&self, keys: &[String]) {
+        self.memory.remove(keys);
+        if let Some(shared) = &self.shared {
+            if let Err(error) = shared.remove(keys).await {
+                self.redis_failed(&error);
+            }
+        }
+    }
+
+    /// Drops entries from this process's memory only.
+    pub fn remove_locally(&self, keys: &[String]) {
+        self.memory.remove(keys);
     }
 
     fn manifest_key(digest: &str) -> String {
@@ -251,6 +303,36 @@ mod tests {
         tags.put(&key, &entry).await;
         assert_eq!(tags.get(&key).await, Some(entry));
         assert!(tags.redis_reachable().await.is_none());
+    }
+
+    #[test]
+    fn keys_of_a_tag_cover_every_accept_set_a_request_can_make() {
+        let keys = Tags::keys_of("docker.io", "library/alpine", "3.20");
+        assert_eq!(keys.len(), 65);
+        let mut headers = http::HeaderMap::new();
+        headers.append(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static("application/vnd.oci.image.index.v1+json, */*"),
+        );
+        headers.append(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"),
+        );
+        let accept = AcceptSet::from_headers(&headers).key();
+        assert!(keys.contains(&Tags::key("docker.io", "library/alpine", "3.20", &accept)));
+        assert!(keys.contains(&Tags::any_key("docker.io", "library/alpine", "3.20")));
+    }
+
+    #[tokio::test]
+    async fn remove_drops_entries_from_memory() {
+        let tags = Tags::new(None, std::sync::Arc::new(Metrics::new()));
+        let keys = Tags::keys_of("docker.io", "library/alpine", "3.20");
+        let entry = TagEntry::new("sha256:x".into(), "application/json".into());
+        tags.put(&keys[3], &entry).await;
+        tags.put(&keys[64], &entry).await;
+        tags.remove_locally(&keys);
+        assert!(tags.get(&keys[3]).await.is_none());
+        assert!(tags.get(&keys[64]).await.is_none());
     }
 
     #[test]

@@ -69,6 +69,16 @@ impl RedisTags {
         self.run(command).await
     }
 
+    /// Deletes `keys` (one command; absent keys are no error).
+    pub async fn remove(&self, keys: &[String]) -> Result<(), TagError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut command = ::redis::cmd("DEL");
+        command.arg(keys);
+        self.run::<()>(command).await
+    }
+
     pub async fn ping(&self) -> bool {
         self.redis.ping().await
     }
