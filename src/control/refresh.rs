@@ -34,10 +34,20 @@ async fn refresh_one(control: &Control, text: &str) -> Result<Value, ControlErro
         .refresh_tag_now(&target, tag.as_str())
         .await
         .map_err(|error| ControlError::Upstream(format!("`{text}`: {error}")))?;
+    let changed = before.as_deref() != Some(after.to_string().as_str());
+    if changed {
+        // The refresh answered for clients accepting every manifest type; clients with another
+        // Accept set have their own cached answers, still naming the old digest: drop them all,
+        // so each asks the upstream on its next pull.
+        control
+            .mirror()
+            .forget_tag(&registry, target.repo.as_str(), tag.as_str())
+            .await;
+    }
     Ok(json!({
         "tag": format!("{registry}/{}:{}", target.repo, tag),
         "before": before,
         "after": after.to_string(),
-        "changed": before.as_deref() != Some(after.to_string().as_str()),
+        "changed": changed,
     }))
 }
