@@ -98,7 +98,7 @@ async fn rm_purges_an_image_and_the_next_pull_goes_upstream_with_no_orphan_left(
     }
     assert!(
         fixture.proxy.count(&http::Method::GET, "/manifests/") >= 1,
-        "the tag is asked upstream again, not answered from the tag cache"
+        "the purged manifest is fetched upstream again"
     );
 
     // One reference that matches nothing: named, non-zero, and the other one still applies.
