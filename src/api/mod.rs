@@ -181,6 +181,12 @@ impl Api {
                     (false, false) => "miss",
                 };
                 let source = if manifest.cached { "cache" } else { "upstream" };
+                if !head {
+                    self.mirror
+                        .store()
+                        .catalogue()
+                        .record_pull(&manifest.digest);
+                }
                 Ok(self.counted(manifest_response(manifest, request, head), source, &target))
             }
             Route::Blob { digest, .. } => {

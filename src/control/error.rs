@@ -21,6 +21,13 @@ pub enum ControlError {
     /// The upstream (or the mirror) failed while answering, e.g. during a refresh.
     #[error("{0}")]
     Upstream(String),
+    /// Some references of a call failed (`first` is the first failure; its status and code are
+    /// the answer's) while the others were applied: `results` says what happened to each.
+    #[error("{first}")]
+    Partly {
+        first: Box<ControlError>,
+        results: serde_json::Value,
+    },
     /// A route whose body is not written yet.
     #[error("{0} is not built yet")]
     NotBuilt(&'static str),
@@ -36,12 +43,16 @@ impl ControlError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "UPSTREAM"),
             Self::NotBuilt(_) => (StatusCode::NOT_IMPLEMENTED, "NOT_BUILT"),
+            Self::Partly { first, .. } => first.status_and_code(),
         }
     }
 
     pub fn response(&self) -> Response<Full<Bytes>> {
         let (status, code) = self.status_and_code();
-        let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
+        let mut body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
+        if let Self::Partly { results, .. } = self {
+            body["results"] = results["results"].clone();
+        }
         let mut response = super::json(status, &body);
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

@@ -92,12 +92,39 @@ impl AdminClient {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    /// Posts `body` and returns the answer whatever its status, with the status: for calls whose
+    /// error answers still say what was applied (a purge of several references, one unknown).
+    pub async fn post_answer(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(StatusCode, serde_json::Value), CtlError> {
+        self.call_answer(Method::POST, path, Some(body)).await
+    }
+
     async fn call(
         &self,
         method: Method,
         path_and_query: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, CtlError> {
+        let (status, value) = self.call_answer(method, path_and_query, body).await?;
+        if !status.is_success() {
+            let message = value["error"]["message"]
+                .as_str()
+                .unwrap_or("no message")
+                .to_owned();
+            return Err(CtlError::Api { status, message });
+        }
+        Ok(value)
+    }
+
+    async fn call_answer(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, serde_json::Value), CtlError> {
         let url = format!("{}{path_and_query}", self.base);
         let mut request = Request::builder().method(method).uri(&url);
         if let Some(token) = &self.token {
@@ -127,14 +154,7 @@ impl AdminClient {
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
             CtlError::NotJson(String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned())
         })?;
-        if !status.is_success() {
-            let message = value["error"]["message"]
-                .as_str()
-                .unwrap_or("no message")
-                .to_owned();
-            return Err(CtlError::Api { status, message });
-        }
-        Ok(value)
+        Ok((status, value))
     }
 }
 

@@ -23,21 +23,27 @@
 //! {"op":"manifest","digest":"sha256:…","media_type":"…","size":1234,"references":[{"digest":"sha256:…","size":567}]}
 //! {"op":"forget_tag","registry":"docker.io","repository":"library/alpine","tag":"3.20"}
 //! {"op":"forget_manifest","digest":"sha256:…"}
+//! {"op":"pulls","digest":"sha256:…","count":12,"last":1767225600}
 //! ```
+//!
+//! Pull statistics (how often each manifest was served, and when last) are counted in memory on
+//! every manifest served, never written on the request path: the writer appends a `pulls` line
+//! for each manifest pulled since its last one every [`PULL_FLUSH`], and at close. A crash loses
+//! at most that many seconds of counts. A purge (`forget_manifest`) resets them.
 //!
 //! Every line sets or removes one key, so replaying lines over a state that already holds some of
 //! them ends in the same state: that is what lets the writer snapshot memory while lines queued
 //! before the snapshot are still to be appended after it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +61,8 @@ const QUEUE: usize = 4096;
 const COMPACT_FACTOR: usize = 2;
 /// …plus this many, so a small catalogue is not rewritten at every start.
 const COMPACT_SLACK: usize = 1024;
+/// Pull counts reach the journal at most this often (and at close).
+pub const PULL_FLUSH: Duration = Duration::from_secs(5);
 
 /// One tag as the catalogue knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +85,20 @@ pub struct ManifestRecord {
     pub references: Vec<(Digest, u64)>,
 }
 
+/// How often a manifest was served, and when last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PullRecord {
+    pub count: u64,
+    pub last: SystemTime,
+}
+
 type TagKey = (String, String, String);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PullValue {
+    count: u64,
+    last_secs: u64,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct TagValue {
@@ -90,11 +111,26 @@ struct TagValue {
 struct State {
     tags: BTreeMap<TagKey, TagValue>,
     manifests: HashMap<Digest, ManifestRecord>,
+    pulls: HashMap<Digest, PullValue>,
+    /// Manifests pulled since the writer last wrote their counts (memory only).
+    pulls_unwritten: HashSet<Digest>,
 }
 
 impl State {
     fn live(&self) -> usize {
-        self.tags.len() + self.manifests.len()
+        self.tags.len() + self.manifests.len() + self.pulls.len()
+    }
+
+    /// The `pulls` lines of the counts not yet written, marking them written.
+    fn take_unwritten_pulls(&mut self) -> Vec<Line> {
+        let digests: Vec<Digest> = self.pulls_unwritten.drain().collect();
+        digests
+            .into_iter()
+            .filter_map(|digest| {
+                let value = self.pulls.get(&digest)?;
+                Some(pulls_line(&digest, value))
+            })
+            .collect()
     }
 
     /// Applies one line; `false` when it was malformed or of an unknown kind.
@@ -164,6 +200,24 @@ impl State {
                     return false;
                 };
                 self.manifests.remove(&digest);
+                self.pulls.remove(&digest);
+                self.pulls_unwritten.remove(&digest);
+            }
+            Line::Pulls {
+                digest,
+                count,
+                last,
+            } => {
+                let Ok(digest) = Digest::parse(&digest) else {
+                    return false;
+                };
+                self.pulls.insert(
+                    digest,
+                    PullValue {
+                        count,
+                        last_secs: last,
+                    },
+                );
             }
             Line::Unknown => return false,
         }
@@ -186,7 +240,11 @@ impl State {
                 )
             });
         let manifests = self.manifests.values().map(manifest_line);
-        tags.chain(manifests).collect()
+        let pulls = self
+            .pulls
+            .iter()
+            .map(|(digest, value)| pulls_line(digest, value));
+        tags.chain(manifests).chain(pulls).collect()
     }
 }
 
@@ -216,6 +274,12 @@ enum Line {
     ForgetManifest {
         digest: String,
     },
+    /// Sets a manifest's pull count and last pull (seconds since the Unix epoch).
+    Pulls {
+        digest: String,
+        count: u64,
+        last: u64,
+    },
     #[serde(other)]
     Unknown,
 }
@@ -241,6 +305,14 @@ fn tag_line(
         digest: digest.to_string(),
         media_type: media_type.to_owned(),
         recorded,
+    }
+}
+
+fn pulls_line(digest: &Digest, value: &PullValue) -> Line {
+    Line::Pulls {
+        digest: digest.to_string(),
+        count: value.count,
+        last: value.last_secs,
     }
 }
 
@@ -295,15 +367,16 @@ impl Catalogue {
     /// replays its journal, cuts a torn last line, compacts it when it has grown much longer
     /// than what it describes, and starts the writer. Blocks on the disk: call it at start-up.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(dir, QUEUE, None)
+        Self::open_with(dir, QUEUE, None, PULL_FLUSH)
     }
 
-    /// [`Catalogue::open`] with a queue of `capacity` lines and, for tests, a writer that waits
-    /// for `hold` before its first write.
+    /// [`Catalogue::open`] with a queue of `capacity` lines, pull counts written every
+    /// `pull_flush` and, for tests, a writer that waits for `hold` before its first write.
     fn open_with(
         dir: &Path,
         capacity: usize,
         hold: Option<Receiver<()>>,
+        pull_flush: Duration,
     ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let journal = dir.join(JOURNAL);
@@ -339,7 +412,7 @@ impl Catalogue {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("gantry-catalogue".into())
-                .spawn(move || write_lines(&shared, &receiver, hold))
+                .spawn(move || write_lines(&shared, &receiver, hold, pull_flush))
                 .map_err(io_error(dir))?
         };
         Ok(Self {
@@ -447,6 +520,56 @@ impl Catalogue {
         self.change(line, &mut state);
     }
 
+    /// Counts one pull of a cached manifest (one served): memory only, written by the writer
+    /// within [`PULL_FLUSH`]. A digest the catalogue has no manifest for is not counted, so the
+    /// counts stay bounded by what is cached.
+    pub fn record_pull(&self, digest: &Digest) {
+        let mut state = self.shared.lock();
+        if !state.manifests.contains_key(digest) {
+            return;
+        }
+        let now = unix_secs(SystemTime::now());
+        let value = state.pulls.entry(digest.clone()).or_insert(PullValue {
+            count: 0,
+            last_secs: now,
+        });
+        value.count += 1;
+        value.last_secs = value.last_secs.max(now);
+        state.pulls_unwritten.insert(digest.clone());
+    }
+
+    /// How often a manifest was served and when last; `None` if it never was (since cached).
+    pub fn pulls(&self, digest: &Digest) -> Option<PullRecord> {
+        let state = self.shared.lock();
+        state.pulls.get(digest).map(|value| PullRecord {
+            count: value.count,
+            last: UNIX_EPOCH + Duration::from_secs(value.last_secs),
+        })
+    }
+
+    /// Every digest referenced by a cached manifest outside `excluded` (what a purge of
+    /// `excluded` must keep).
+    pub fn references_outside(&self, excluded: &HashSet<Digest>) -> HashSet<Digest> {
+        let state = self.shared.lock();
+        state
+            .manifests
+            .values()
+            .filter(|manifest| !excluded.contains(&manifest.digest))
+            .flat_map(|manifest| manifest.references.iter().map(|(digest, _)| digest.clone()))
+            .collect()
+    }
+
+    /// The tags that point at `digest`.
+    pub fn tags_pointing_at(&self, digest: &Digest) -> Vec<TagRecord> {
+        let state = self.shared.lock();
+        state
+            .tags
+            .iter()
+            .filter(|(_, value)| value.digest == *digest)
+            .map(tag_record)
+            .collect()
+    }
+
     /// Every tag, ordered by registry, repository and tag.
     pub fn tags(&self) -> Vec<TagRecord> {
         let state = self.shared.lock();
@@ -552,9 +675,15 @@ fn rewrite(dir: &Path, state: &State) -> io::Result<()> {
     std::fs::rename(&staged, dir.join(JOURNAL))
 }
 
-/// The writer thread: appends queued lines, flushing whenever the queue runs dry, and rewrites
-/// the journal from memory when lines were dropped. Ends when the catalogue closes the queue.
-fn write_lines(shared: &Shared, lines: &Receiver<Vec<u8>>, hold: Option<Receiver<()>>) {
+/// The writer thread: appends queued lines, flushing whenever the queue runs dry, writes the
+/// pull counts every `pull_flush`, and rewrites the journal from memory when lines were dropped.
+/// Ends when the catalogue closes the queue, writing the last pull counts first.
+fn write_lines(
+    shared: &Shared,
+    lines: &Receiver<Vec<u8>>,
+    hold: Option<Receiver<()>>,
+    pull_flush: Duration,
+) {
     if let Some(hold) = hold {
         let _ = hold.recv();
     }
@@ -568,18 +697,44 @@ fn write_lines(shared: &Shared, lines: &Receiver<Vec<u8>>, hold: Option<Receiver
     };
     let mut file = open();
     let mut failing = false;
-    while let Ok(first) = lines.recv() {
-        let mut next = Some(first);
-        let mut written = Ok(());
-        while let Some(line) = next.take() {
-            if written.is_ok() {
-                written = match &mut file {
-                    Ok(file) => file.write_all(&line),
-                    Err(error) => Err(io::Error::new(error.kind(), error.to_string())),
-                };
+    let mut pulls_written = Instant::now();
+    let mut closed = false;
+    while !closed {
+        let wait = pull_flush.saturating_sub(pulls_written.elapsed());
+        let mut batch = Vec::new();
+        match lines.recv_timeout(wait) {
+            Ok(line) => batch.push(line),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => closed = true,
+        }
+        if closed || pulls_written.elapsed() >= pull_flush {
+            // Lines are queued under the state lock, after memory changed: draining the queue
+            // under it too puts every line that changed memory before these counts ahead of them.
+            let mut state = shared.lock();
+            while let Ok(line) = lines.try_recv() {
+                batch.push(line);
             }
+            batch.extend(state.take_unwritten_pulls().iter().map(encode));
+            drop(state);
+            pulls_written = Instant::now();
+        } else {
             // Empty or closed: either way this batch is done.
-            next = lines.try_recv().ok();
+            while let Ok(line) = lines.try_recv() {
+                batch.push(line);
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut written = Ok(());
+        for line in &batch {
+            written = match &mut file {
+                Ok(file) => file.write_all(line),
+                Err(error) => Err(io::Error::new(error.kind(), error.to_string())),
+            };
+            if written.is_err() {
+                break;
+            }
         }
         if written.is_ok() {
             if let Ok(file) = &mut file {

@@ -8,25 +8,33 @@
 //! manifests/sha256/ab/abcdef…   "<media type>\n" followed by the manifest bytes
 //! links/sha256/ab/abcdef…       the repositories known to reference it, one per line
 //! catalogue/journal.jsonl       tags → manifests → references, for operators (see [`catalogue`])
+//! pins                          digests kept whatever storage.max_size says (see [`pins`])
 //! tmp/                          downloads in progress; emptied at start-up
 //! ```
 //!
 //! Nothing enters `blobs/` or `manifests/` unless its bytes hash to its name: writers stream into
 //! `tmp/`, hash as they go, fsync, and rename only on a match. An in-memory LRU index (rebuilt from
 //! disk at start-up) keeps the store under `storage.max_size`; entries being read are held by a
-//! [`Lease`] (counted in the index's `readers`) and never evicted while held.
+//! [`Lease`] (counted in the index's `readers`) and never evicted while held, and pinned entries
+//! ([`pins`]) are never evicted at all.
+//!
+//! An operator's purge ([`Store::purge`]) removes manifests and the blobs no other cached manifest
+//! references. Unlinking is safe under readers (open files and mappings stay valid, see
+//! `mapped`); a download of a purged digest still running is marked so its commit discards it.
 
 mod body;
 pub mod catalogue;
 mod links;
 mod mapped;
 pub mod object;
+pub mod pins;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -34,7 +42,8 @@ use bytes::Bytes;
 use lru::LruCache;
 
 pub use body::{read_exact_at, BlobBody, FileChunks, READ_CHUNK};
-pub use catalogue::{Catalogue, ManifestRecord, TagRecord, CATALOGUE_DIR};
+pub use catalogue::{Catalogue, ManifestRecord, PullRecord, TagRecord, CATALOGUE_DIR};
+pub use pins::{Pins, PINS_FILE};
 pub use writer::BlobWriter;
 
 use crate::metrics::Metrics;
@@ -204,6 +213,14 @@ pub struct Store {
     links: links::Links,
     /// Tags → manifests → references, for operators; manifests leave it with their file.
     catalogue: Catalogue,
+    /// Digests never evicted (see [`pins`]); shared with the object tier's sweep.
+    pins: Arc<Pins>,
+    /// The discard flag of every open [`BlobWriter`], by digest: a purge sets them (under the
+    /// index lock, which a commit takes to check its flag), so a download of purged content
+    /// finishes for its clients but is never committed.
+    writers: Mutex<HashMap<Digest, Vec<Arc<AtomicBool>>>>,
+    /// Pinned entries alone exceed `max_size`: logged once until they fit again.
+    pins_over_budget: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -242,6 +259,21 @@ impl Drop for Lease {
             }
         }
     }
+}
+
+/// What [`Store::purge`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Purged {
+    /// Manifests removed (the ones asked for, and index children nothing else references).
+    pub manifests: Vec<Digest>,
+    /// Blobs removed: referenced by a removed manifest and by no other cached manifest.
+    pub blobs: Vec<Digest>,
+    /// Bytes the disk store freed (entries only in the object tier count nothing here).
+    pub bytes: u64,
+    /// References kept because another cached manifest references them too.
+    pub shared: Vec<Digest>,
+    /// Object tier deletions that failed, as messages (the disk side was still purged).
+    pub tier_errors: Vec<String>,
 }
 
 /// What `gantry gc --verify` found.
@@ -308,6 +340,7 @@ impl Store {
             links.adopt_legacy(cached).map_err(io_error(&links_dir))?;
         }
         let catalogue = Catalogue::open(&root.join(CATALOGUE_DIR))?;
+        let pins = Arc::new(Pins::open(root).map_err(io_error(&root.join(PINS_FILE)))?);
         let store = Arc::new(Self {
             root: root.to_owned(),
             max_size,
@@ -330,6 +363,9 @@ impl Store {
                 .build(),
             links,
             catalogue,
+            pins,
+            writers: Mutex::new(HashMap::new()),
+            pins_over_budget: AtomicBool::new(false),
             metrics,
         });
         store.evict_to_fit();
@@ -515,9 +551,13 @@ impl Store {
         BlobWriter::create(self, Kind::Blob, digest.clone(), expected_size)
     }
 
-    /// Records a committed entry and evicts what no longer fits.
-    fn insert(&self, key: Key, size: u64) {
+    /// Records a committed entry and evicts what no longer fits; `false` (nothing recorded) when
+    /// a purge set `discard` meanwhile: the caller then removes the file it renamed into place.
+    fn insert(&self, key: Key, size: u64, discard: &AtomicBool) -> bool {
         let mut index = self.lock_index();
+        if discard.load(Ordering::Acquire) {
+            return false;
+        }
         if let Some(old) = index.lru.put(key, size) {
             index.total_bytes -= old;
         }
@@ -525,19 +565,27 @@ impl Store {
         drop(index);
         self.evict_to_fit();
         self.publish_size();
+        true
     }
 
-    /// Deletes least recently used entries nobody is reading until the store fits `max_size`.
+    /// Deletes least recently used entries nobody is reading and nobody pinned until the store
+    /// fits `max_size`. Pinned entries that alone exceed it are kept, and that is logged once.
     fn evict_to_fit(&self) {
         let Some(max) = self.max_size else { return };
         let mut victims = Vec::new();
+        let mut pinned_bytes = None;
         {
             let mut index = self.lock_index();
             let mut being_read = Vec::new();
+            let mut pinned = Vec::new();
             while index.total_bytes > max {
                 let Some((key, size)) = index.lru.pop_lru() else {
                     break;
                 };
+                if self.pins.contains(&key.digest) {
+                    pinned.push((key, size));
+                    continue;
+                }
                 if index.readers.contains_key(&key) {
                     being_read.push((key, size));
                     continue;
@@ -547,11 +595,31 @@ impl Store {
                 self.small_blob_maps.invalidate(&key.digest);
                 victims.push(key);
             }
+            if index.total_bytes > max && index.lru.is_empty() && !pinned.is_empty() {
+                pinned_bytes = Some(pinned.iter().map(|(_, size)| size).sum::<u64>());
+            }
+            // Pinned entries go back as most recently used, so later passes do not walk them.
+            for (key, size) in pinned {
+                index.lru.put(key, size);
+            }
             // Entries being read go back as least recently used: first out once their readers finish.
             for (key, size) in being_read.into_iter().rev() {
                 index.lru.put(key.clone(), size);
                 index.lru.demote(&key);
             }
+        }
+        match pinned_bytes {
+            Some(bytes) if bytes > max => {
+                if !self.pins_over_budget.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        pinned_bytes = bytes,
+                        max_size = max,
+                        "pinned entries alone exceed storage.max_size: they are kept, and new content \
+                         is evicted as soon as it is not being read (unpin images or raise max_size)"
+                    );
+                }
+            }
+            _ => self.pins_over_budget.store(false, Ordering::Relaxed),
         }
         for key in victims {
             self.left(&key);
@@ -564,6 +632,223 @@ impl Store {
                 Err(error) => tracing::warn!(path = %path.display(), %error, "cannot evict"),
             }
         }
+    }
+
+    /// The pinned digests (shared with the object tier's sweep, which spares them).
+    pub fn pins(&self) -> &Arc<Pins> {
+        &self.pins
+    }
+
+    /// Pins `digests` (an image's manifests, configs and layers) durably; returns how many were
+    /// not pinned already. Blocks on the disk: call it off the runtime's threads.
+    pub fn pin(&self, digests: &[Digest]) -> Result<usize, StoreError> {
+        self.pins
+            .pin(digests)
+            .map_err(io_error(&self.root.join(PINS_FILE)))
+    }
+
+    /// Unpins `digests` durably and evicts what no longer fits; returns how many were pinned.
+    pub fn unpin(&self, digests: &[Digest]) -> Result<usize, StoreError> {
+        let unpinned = self
+            .pins
+            .unpin(digests)
+            .map_err(io_error(&self.root.join(PINS_FILE)))?;
+        if unpinned > 0 {
+            self.evict_to_fit();
+            self.publish_size();
+        }
+        Ok(unpinned)
+    }
+
+    /// Bytes of pinned entries the disk store holds (a pinned digest not cached counts nothing).
+    pub fn pinned_bytes(&self) -> u64 {
+        let pinned = self.pins.all();
+        let index = self.lock_index();
+        pinned
+            .iter()
+            .flat_map(|digest| {
+                [Kind::Blob, Kind::Manifest].map(|kind| Key {
+                    kind,
+                    digest: digest.clone(),
+                })
+            })
+            .filter_map(|key| index.lru.peek(&key).copied())
+            .sum()
+    }
+
+    /// A writer's discard flag, registered so a purge of its digest can set it.
+    fn register_writer(&self, digest: &Digest) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.writers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest.clone())
+            .or_default()
+            .push(Arc::clone(&flag));
+        flag
+    }
+
+    fn unregister_writer(&self, digest: &Digest, flag: &Arc<AtomicBool>) {
+        let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flags) = writers.get_mut(digest) {
+            flags.retain(|f| !Arc::ptr_eq(f, flag));
+            if flags.is_empty() {
+                writers.remove(digest);
+            }
+        }
+    }
+
+    /// Which manifests and blobs purging `roots` removes, and which references stay because a
+    /// manifest outside the purge references them. An index's children go with it unless another
+    /// cached manifest references them; `roots` go whoever references them (they were asked for).
+    fn plan_purge(&self, roots: &[Digest]) -> (Vec<Digest>, Vec<Digest>, Vec<Digest>) {
+        let is_manifest = |digest: &Digest| {
+            self.catalogue.manifest(digest).is_some()
+                || self.lock_index().lru.contains(&Key {
+                    kind: Kind::Manifest,
+                    digest: digest.clone(),
+                })
+        };
+        let roots: HashSet<Digest> = roots.iter().cloned().collect();
+        // Everything reachable from the roots, manifests first-class.
+        let mut manifests: HashSet<Digest> = HashSet::new();
+        let mut blobs: HashSet<Digest> = HashSet::new();
+        let mut pending: Vec<Digest> = roots.iter().cloned().collect();
+        while let Some(digest) = pending.pop() {
+            if manifests.contains(&digest) || blobs.contains(&digest) {
+                continue;
+            }
+            if roots.contains(&digest) || is_manifest(&digest) {
+                if let Some(record) = self.catalogue.manifest(&digest) {
+                    pending.extend(record.references.into_iter().map(|(d, _)| d));
+                }
+                manifests.insert(digest);
+            } else {
+                blobs.insert(digest);
+            }
+        }
+        // Keep what manifests outside the purge reference, and what kept manifests reference.
+        let mut kept;
+        let mut shared = Vec::new();
+        loop {
+            let outside = self.catalogue.references_outside(&manifests);
+            let rescued: Vec<Digest> = manifests
+                .iter()
+                .filter(|d| !roots.contains(*d) && outside.contains(*d))
+                .cloned()
+                .collect();
+            kept = outside;
+            if rescued.is_empty() {
+                break;
+            }
+            for digest in rescued {
+                manifests.remove(&digest);
+                shared.push(digest);
+            }
+        }
+        shared.extend(blobs.iter().filter(|d| kept.contains(*d)).cloned());
+        blobs.retain(|d| !kept.contains(d));
+        let mut manifests: Vec<Digest> = manifests.into_iter().collect();
+        let mut blobs: Vec<Digest> = blobs.into_iter().collect();
+        manifests.sort();
+        blobs.sort();
+        shared.sort();
+        shared.dedup();
+        (manifests, blobs, shared)
+    }
+
+    /// Removes the manifests `roots` and everything they reference that no other cached
+    /// manifest references (index children, configs, layers), from the disk store and, given
+    /// one, the object tier: files, index entries, links, catalogue records, pull counts and
+    /// pins. Readers of a removed blob finish from their open files; a download of one still
+    /// running completes for its clients and is then discarded instead of committed, so the
+    /// next pull goes to the upstream again. Tags are the caller's (the catalogue's tags and the
+    /// tag cache); a tag left pointing at a purged manifest is simply a miss.
+    pub async fn purge(
+        self: &Arc<Self>,
+        roots: &[Digest],
+        tier: Option<&object::ObjectTier>,
+    ) -> Purged {
+        let (manifests, blobs, shared) = self.plan_purge(roots);
+        let store = Arc::clone(self);
+        let keys: Vec<Key> = manifests
+            .iter()
+            .map(|digest| Key {
+                kind: Kind::Manifest,
+                digest: digest.clone(),
+            })
+            .chain(blobs.iter().map(|digest| Key {
+                kind: Kind::Blob,
+                digest: digest.clone(),
+            }))
+            .collect();
+        let freed = tokio::task::spawn_blocking(move || store.remove_entries(&keys)).await;
+        let bytes = freed.unwrap_or_else(|error| {
+            tracing::warn!(%error, "a purge's removal task failed");
+            0
+        });
+        let mut tier_errors = Vec::new();
+        if let Some(tier) = tier {
+            for digest in &manifests {
+                if let Err(error) = tier.remove_manifest(digest).await {
+                    tier_errors.push(format!("manifest {digest}: {error}"));
+                }
+            }
+            for digest in &blobs {
+                if let Err(error) = tier.remove_blob(digest).await {
+                    tier_errors.push(format!("blob {digest}: {error}"));
+                }
+            }
+        }
+        Purged {
+            manifests,
+            blobs,
+            bytes,
+            shared,
+            tier_errors,
+        }
+    }
+
+    /// Removes entries from the index, the caches, links, the catalogue and the pins, then
+    /// unlinks their files; marks running writers of their digests to discard. Returns the bytes
+    /// freed on disk.
+    fn remove_entries(&self, keys: &[Key]) -> u64 {
+        let mut freed = 0;
+        {
+            let mut index = self.lock_index();
+            let writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+            for key in keys {
+                for flag in writers.get(&key.digest).into_iter().flatten() {
+                    flag.store(true, Ordering::Release);
+                }
+                if let Some(size) = index.lru.pop(key) {
+                    index.total_bytes -= size;
+                    freed += size;
+                }
+            }
+        }
+        let digests: Vec<Digest> = keys.iter().map(|key| key.digest.clone()).collect();
+        for key in keys {
+            self.hot_manifests.invalidate(&key.digest);
+            self.small_blob_maps.invalidate(&key.digest);
+            self.left(key);
+            if key.kind == Kind::Manifest {
+                self.catalogue.forget_manifest(&key.digest);
+            }
+            let path = self.path(key.kind, &key.digest);
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::debug!(digest = %key.digest, kind = key.kind.noun(), "purged"),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot remove a purged entry")
+                }
+            }
+        }
+        if let Err(error) = self.pins.unpin(&digests) {
+            tracing::warn!(%error, "cannot write the pins after a purge; purged digests stay pinned until a restart");
+        }
+        self.publish_size();
+        freed
     }
 
     fn publish_size(&self) {

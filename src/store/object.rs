@@ -29,6 +29,11 @@
 //! again by the next replica that downloads it. Manifests are small and are not counted. Every
 //! replica sweeps the same order, so concurrent sweeps agree on what goes. Without `max_size`
 //! gantry deletes nothing and the bucket's own lifecycle rules (e.g. expiry by age) apply.
+//!
+//! A sweep spares the blobs pinned on the replica running it ([`ObjectTier::spare_pins`]; pins
+//! are per replica, in each one's `storage.path`): they stay in the total, so a budget smaller
+//! than the pinned blobs is simply not met. Another replica that has not pinned them may still
+//! sweep them; with Redis the control plane pins on every replica, so none does.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -291,6 +296,8 @@ struct Shared {
     budget: Option<u64>,
     health: Health,
     metrics: Arc<Metrics>,
+    /// This replica's pins: blobs the sweep never deletes (set once, after the disk store opens).
+    pins: std::sync::OnceLock<Arc<super::Pins>>,
 }
 
 /// The object tier: an S3-compatible bucket behind `object_store`, with a breaker and a budget.
@@ -396,6 +403,7 @@ impl ObjectTier {
                 up_gauge: metrics.object_tier_up.clone(),
             },
             metrics,
+            pins: std::sync::OnceLock::new(),
         });
         let background = tokio::spawn(tend(Arc::clone(&shared)));
         Self { shared, background }
@@ -424,6 +432,25 @@ impl ObjectTier {
             Err(error) if !error.is_missing() => Err(error),
             _ => Ok(()),
         }
+    }
+
+    /// Deletes a manifest (a purge); a missing key is not an error.
+    pub async fn remove_manifest(&self, digest: &Digest) -> Result<(), ObjectTierError> {
+        let key = self.manifest_key(digest);
+        match self
+            .shared
+            .call(Operation::Delete, self.shared.store.delete(&key))
+            .await
+        {
+            Err(error) if !error.is_missing() => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the sweep spare the blobs `pins` holds (the disk store's, [`super::Store::pins`]).
+    /// Set once; a second call is ignored.
+    pub fn spare_pins(&self, pins: Arc<super::Pins>) {
+        let _ = self.shared.pins.set(pins);
     }
 
     /// Uploads a verified blob from its local file unless its key exists (never overwrites).
@@ -795,6 +822,19 @@ impl Shared {
         }
     }
 
+    /// Whether a `blobs/<algorithm>/<xx>/<hex>` key names a blob pinned on this replica.
+    fn is_pinned(&self, location: &Key) -> bool {
+        let Some(pins) = self.pins.get() else {
+            return false;
+        };
+        let mut parts = location.as_ref().rsplit('/');
+        let (Some(hex), Some(_), Some(algorithm)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        Digest::parse(&format!("{algorithm}:{hex}")).is_ok_and(|digest| pins.contains(&digest))
+    }
+
     async fn sweep(&self) -> Result<Swept, ObjectTierError> {
         let Some(budget) = self.budget else {
             return Ok(Swept::default());
@@ -814,6 +854,9 @@ impl Shared {
         for meta in objects {
             if total <= budget {
                 break;
+            }
+            if self.is_pinned(&meta.location) {
+                continue;
             }
             match self
                 .timed(
@@ -1204,6 +1247,85 @@ mod tests {
 
     /// A real S3 client against a port nothing listens on: connect succeeds with the tier down,
     /// and calls are skipped at once while the breaker is open.
+    #[tokio::test]
+    async fn the_sweep_spares_blobs_pinned_on_this_replica() {
+        let bench = bench("gantry", Some(1500));
+        let mut digests = Vec::new();
+        for seed in 0..3 {
+            let (digest, file) = commit(&bench.disk, &content(1000, seed)).await;
+            bench.tier.upload_blob(&digest, &file).await.unwrap();
+            digests.push(digest);
+            // Distinct upload times: the oldest is the pinned one, the sweep's first pick.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        bench.disk.pin(&digests[..1]).unwrap();
+        bench.tier.spare_pins(Arc::clone(bench.disk.pins()));
+        let swept = bench.tier.sweep().await.unwrap();
+        assert_eq!(
+            swept,
+            Swept {
+                objects: 2,
+                bytes: 2000,
+                remaining: 1000
+            }
+        );
+        assert!(
+            object(&bench.bucket, bench.tier.blob_key(&digests[0]).as_ref())
+                .await
+                .is_some(),
+            "the pinned blob stays"
+        );
+
+        // Pinned blobs over the budget are kept: the budget is simply not met.
+        let (late, file) = commit(&bench.disk, &content(1000, 9)).await;
+        bench.tier.upload_blob(&late, &file).await.unwrap();
+        bench.disk.pin(std::slice::from_ref(&late)).unwrap();
+        let swept = bench.tier.sweep().await.unwrap();
+        assert_eq!(swept.objects, 0);
+        assert_eq!(swept.remaining, 2000);
+    }
+
+    #[tokio::test]
+    async fn a_purge_removes_the_manifest_and_its_blobs_from_the_tier() {
+        let bench = bench("gantry", None);
+        let (layer, file) = commit(&bench.disk, &content(3000, 1)).await;
+        bench.tier.upload_blob(&layer, &file).await.unwrap();
+        drop(file);
+        let (config, file) = commit(&bench.disk, &content(100, 2)).await;
+        bench.tier.upload_blob(&config, &file).await.unwrap();
+        drop(file);
+        let manifest = format!(r#"{{"layers":["{layer}"],"config":"{config}"}}"#);
+        let digest = sha256(manifest.as_bytes());
+        bench
+            .disk
+            .write_manifest(&digest, "application/json", Bytes::from(manifest.clone()))
+            .await
+            .unwrap();
+        bench.disk.catalogue().record_manifest(
+            &digest,
+            "application/json",
+            manifest.len() as u64,
+            &[(layer.clone(), 3000), (config.clone(), 100)],
+        );
+        let stored = Bytes::from(encode_stored("application/json", manifest.as_bytes()));
+        bench.tier.write_manifest(&digest, stored).await.unwrap();
+
+        let purged = bench
+            .disk
+            .purge(std::slice::from_ref(&digest), Some(&bench.tier))
+            .await;
+        assert!(purged.tier_errors.is_empty(), "{:?}", purged.tier_errors);
+        assert_eq!(purged.blobs.len(), 2);
+        for key in [
+            bench.tier.blob_key(&layer),
+            bench.tier.blob_key(&config),
+            bench.tier.manifest_key(&digest),
+        ] {
+            assert!(object(&bench.bucket, key.as_ref()).await.is_none(), "{key}");
+        }
+        assert!(bench.tier.read_manifest(&digest).await.unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn an_unreachable_endpoint_starts_down_and_is_skipped_fast() {
         let port = {

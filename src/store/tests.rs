@@ -514,3 +514,259 @@ async fn an_unknown_layout_is_refused_and_nothing_is_touched() {
         .join(format!("blobs/sha256/{}/{hex}", &hex[..2]))
         .is_file());
 }
+
+/// Every file under `blobs/` and `manifests/`, by digest hex.
+fn files_under(dir: &Path, kind: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let root = dir.join(kind);
+    for algorithm in std::fs::read_dir(&root).unwrap().flatten() {
+        for prefix in std::fs::read_dir(algorithm.path()).unwrap().flatten() {
+            for entry in std::fs::read_dir(prefix.path()).unwrap().flatten() {
+                found.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn hexes(digests: &[&Digest]) -> Vec<String> {
+    let mut hexes: Vec<String> = digests.iter().map(|d| d.hex().to_owned()).collect();
+    hexes.sort();
+    hexes
+}
+
+const IMAGE: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// Stores a manifest (its bytes name `references`, so each digest is distinct) and records it
+/// in the catalogue as the mirror does.
+async fn put_manifest(store: &Arc<Store>, media_type: &str, references: &[&Digest]) -> Digest {
+    let text = format!(
+        "{{\"mediaType\":\"{media_type}\",\"refs\":{:?}}}",
+        references.iter().map(|d| d.to_string()).collect::<Vec<_>>()
+    );
+    let digest = sha256(text.as_bytes());
+    store
+        .write_manifest(&digest, media_type, Bytes::from(text.clone()))
+        .await
+        .unwrap();
+    let references: Vec<(Digest, u64)> = references.iter().map(|d| ((*d).clone(), 1)).collect();
+    store
+        .catalogue()
+        .record_manifest(&digest, media_type, text.len() as u64, &references);
+    digest
+}
+
+#[tokio::test]
+async fn a_purge_removes_a_manifest_and_the_blobs_only_it_references_and_leaves_no_orphan() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let (config_a, only_a, both, config_b) = (
+        put_blob(&store, b"config a").await,
+        put_blob(&store, &[b'a'; 3000]).await,
+        put_blob(&store, &[b's'; 2000]).await,
+        put_blob(&store, b"config b").await,
+    );
+    let a = put_manifest(&store, IMAGE, &[&config_a, &only_a, &both]).await;
+    let b = put_manifest(&store, IMAGE, &[&config_b, &both]).await;
+    store
+        .link(
+            vec![a.clone(), only_a.clone(), both.clone()],
+            "docker.io/team/a",
+        )
+        .await;
+    assert!(store.pin(std::slice::from_ref(&only_a)).unwrap() == 1);
+    store.catalogue().record_pull(&a);
+    // A client is being sent `only_a` while it is purged: it must still get every byte.
+    let reading = store.open_blob(&only_a).await.unwrap();
+    let (bytes_before, _) = store.usage();
+    let manifest_file = dir
+        .path()
+        .join("manifests/sha256")
+        .join(&a.hex()[..2])
+        .join(a.hex());
+    let manifest_bytes = std::fs::metadata(&manifest_file).unwrap().len();
+
+    let purged = store.purge(std::slice::from_ref(&a), None).await;
+    assert_eq!(purged.manifests, vec![a.clone()]);
+    let mut removed = vec![config_a.clone(), only_a.clone()];
+    removed.sort();
+    assert_eq!(purged.blobs, removed);
+    assert_eq!(purged.shared, vec![both.clone()], "b still references it");
+    assert_eq!(bytes_before - store.usage().0, purged.bytes);
+    assert_eq!(purged.bytes, 3000 + 8 + manifest_bytes);
+
+    assert_eq!(files_under(dir.path(), "blobs"), hexes(&[&both, &config_b]));
+    assert_eq!(files_under(dir.path(), "manifests"), hexes(&[&b]));
+    assert!(!dir
+        .path()
+        .join("links/sha256")
+        .join(&only_a.hex()[..2])
+        .join(only_a.hex())
+        .exists());
+    assert!(!store.is_linked(&only_a, "docker.io", "team/a"));
+    assert!(
+        store.is_linked(&both, "docker.io", "team/a"),
+        "kept content keeps its links"
+    );
+    assert!(store.catalogue().manifest(&a).is_none());
+    assert!(
+        store.catalogue().pulls(&a).is_none(),
+        "pull counts leave with it"
+    );
+    assert!(store.catalogue().manifest(&b).is_some());
+    assert!(store.open_blob(&only_a).await.is_none());
+    assert!(
+        store.read_manifest(&a).await.is_none(),
+        "not even from the hot cache"
+    );
+    assert!(
+        !store.pins().contains(&only_a),
+        "purged content is unpinned"
+    );
+    assert!(store.read_manifest(&b).await.is_some());
+
+    let size = reading.size;
+    let body = BlobBody::new(reading, 0, size)
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(
+        &body[..],
+        &[b'a'; 3000][..],
+        "a reader finishes from its open file"
+    );
+
+    // Reopened, nothing comes back: not the index, not the catalogue, not the pin.
+    drop(store);
+    let store = open(dir.path(), None);
+    assert!(!store.contains_blob(&only_a));
+    assert!(store.catalogue().manifest(&a).is_none());
+    assert!(!store.pins().contains(&only_a));
+}
+
+#[tokio::test]
+async fn purging_an_index_takes_its_children_unless_another_index_references_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let (l1, l2, l3) = (
+        put_blob(&store, b"layer one").await,
+        put_blob(&store, b"layer two").await,
+        put_blob(&store, b"layer three").await,
+    );
+    let amd64 = put_manifest(&store, IMAGE, &[&l1]).await;
+    let arm64 = put_manifest(&store, IMAGE, &[&l2, &l3]).await;
+    let index = put_manifest(&store, INDEX, &[&amd64, &arm64]).await;
+    // Another index (another tag's) shares the arm64 child.
+    let other = put_manifest(&store, INDEX, &[&arm64]).await;
+
+    let purged = store.purge(std::slice::from_ref(&index), None).await;
+    let mut manifests = vec![index.clone(), amd64.clone()];
+    manifests.sort();
+    assert_eq!(purged.manifests, manifests);
+    assert_eq!(purged.blobs, vec![l1.clone()]);
+    assert!(purged.shared.contains(&arm64));
+    assert_eq!(
+        files_under(dir.path(), "manifests"),
+        hexes(&[&arm64, &other])
+    );
+    assert_eq!(files_under(dir.path(), "blobs"), hexes(&[&l2, &l3]));
+
+    // Purging the other index now takes the shared child and its layers.
+    let purged = store.purge(std::slice::from_ref(&other), None).await;
+    assert_eq!(purged.blobs.len(), 2);
+    assert!(files_under(dir.path(), "manifests").is_empty());
+    assert!(files_under(dir.path(), "blobs").is_empty());
+    assert_eq!(store.usage(), (0, 0));
+}
+
+#[tokio::test]
+async fn a_blob_purged_while_it_downloads_is_discarded_at_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), None);
+    let content = vec![b'd'; 10_000];
+    let blob = sha256(&content);
+    let manifest = put_manifest(&store, IMAGE, &[&blob]).await;
+    let mut writer = store.begin_blob(&blob, Some(10_000)).unwrap();
+    let follower = writer.reader().unwrap();
+    writer
+        .write(Bytes::copy_from_slice(&content[..4000]))
+        .await
+        .unwrap();
+
+    let purged = store.purge(&[manifest], None).await;
+    assert_eq!(purged.blobs, vec![blob.clone()]);
+    assert!(writer.discarded());
+    writer
+        .write(Bytes::copy_from_slice(&content[4000..]))
+        .await
+        .unwrap();
+    writer.verify().unwrap();
+    writer.commit().await.expect("the download itself succeeds");
+    assert!(
+        !store.contains_blob(&blob),
+        "but the store does not keep it"
+    );
+    assert!(files_under(dir.path(), "blobs").is_empty());
+    assert!(tmp_is_empty(dir.path()));
+    // A client following the download reads it whole from its handle.
+    let read = read_exact_at(&follower, 0, 10_000).unwrap();
+    assert_eq!(&read[..], &content[..]);
+
+    // The next download of it is not affected by the old purge.
+    assert_eq!(put_blob(&store, &content).await, blob);
+    assert!(store.contains_blob(&blob));
+}
+
+#[tokio::test]
+async fn pinned_entries_are_never_evicted_and_the_pins_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Some(250));
+    let kept = put_blob(&store, &[b'k'; 100]).await;
+    assert_eq!(store.pin(std::slice::from_ref(&kept)).unwrap(), 1);
+    assert_eq!(
+        store.pin(std::slice::from_ref(&kept)).unwrap(),
+        0,
+        "pinned already"
+    );
+    assert_eq!(store.pinned_bytes(), 100);
+    for fill in b'a'..b'f' {
+        put_blob(&store, &[fill; 100]).await;
+        assert!(store.contains_blob(&kept), "evicted after {}", fill as char);
+        assert!(store.usage().0 <= 250);
+    }
+    assert!(!dir.path().join("pins.tmp").exists());
+
+    drop(store);
+    let store = open(dir.path(), Some(250));
+    assert!(store.pins().contains(&kept), "pins survive a restart");
+    assert_eq!(store.pinned_bytes(), 100);
+    put_blob(&store, &[b'x'; 100]).await;
+    put_blob(&store, &[b'y'; 100]).await;
+    assert!(store.contains_blob(&kept));
+
+    // Pinned entries alone over the budget are kept (and logged), and new content is not.
+    let big = put_blob(&store, &[b'p'; 200]).await;
+    assert!(
+        !store.contains_blob(&big),
+        "it does not fit beside the pinned entry"
+    );
+    store.pin(std::slice::from_ref(&big)).unwrap();
+    let again = put_blob(&store, &[b'p'; 200]).await;
+    assert_eq!(again, big);
+    assert!(store.contains_blob(&kept) && store.contains_blob(&big));
+    assert_eq!(store.pinned_bytes(), 300);
+    let other = put_blob(&store, &[b'q'; 10]).await;
+    assert!(!store.contains_blob(&other));
+
+    // Unpinned, it is an ordinary entry again and leaves to fit the budget.
+    assert_eq!(store.unpin(std::slice::from_ref(&kept)).unwrap(), 1);
+    assert!(!store.contains_blob(&kept));
+    assert!(store.contains_blob(&big));
+    drop(store);
+    let store = open(dir.path(), Some(250));
+    assert!(!store.pins().contains(&kept));
+    assert!(store.pins().contains(&big));
+}

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -35,6 +35,9 @@ pub struct BlobWriter {
     /// The file, once [`verify`](Self::verify) found its content matches the digest.
     verified: Option<File>,
     committed: bool,
+    /// Set by a purge of this digest while it is written: the content is still verified (and
+    /// served to the clients following it) but never committed.
+    discard: Arc<AtomicBool>,
 }
 
 impl BlobWriter {
@@ -54,6 +57,7 @@ impl BlobWriter {
             .create_new(true)
             .open(&tmp_path)
             .map_err(io_error(&tmp_path))?;
+        let discard = store.register_writer(&digest);
         Ok(Self {
             store: Arc::clone(store),
             kind,
@@ -68,6 +72,7 @@ impl BlobWriter {
             file_bytes: 0,
             verified: None,
             committed: false,
+            discard,
         })
     }
 
@@ -177,11 +182,16 @@ impl BlobWriter {
 
     /// Verifies size and digest (unless [`verify`](Self::verify) did), makes the file durable and
     /// moves it into place. On any mismatch the temp file is removed and nothing becomes visible.
+    /// Content purged while it was written is verified but discarded, not committed: that is
+    /// `Ok`, since its readers got what they asked for, and the store simply does not have it.
     pub async fn commit(mut self) -> Result<(), StoreError> {
         let file = match self.verified.take() {
             Some(file) => file,
             None => self.check()?,
         };
+        if self.discarded() {
+            return Ok(());
+        }
         let final_path = self.store.path(self.kind, &self.digest);
         let tmp_path = self.tmp_path.clone();
         let destination = final_path.clone();
@@ -197,19 +207,27 @@ impl BlobWriter {
         .await?
         .map_err(io_error(&final_path))?;
         self.committed = true;
-        self.store.insert(
-            Key {
-                kind: self.kind,
-                digest: self.digest.clone(),
-            },
-            self.file_bytes,
-        );
+        let key = Key {
+            kind: self.kind,
+            digest: self.digest.clone(),
+        };
+        if !self.store.insert(key, self.file_bytes, &self.discard) {
+            // Purged between the check above and the index: it must not stay on disk unindexed.
+            tracing::debug!(digest = %self.digest, "discarding content purged while it was written");
+            let _ = std::fs::remove_file(&final_path);
+        }
         Ok(())
+    }
+
+    /// Whether a purge of this digest ran while it was being written.
+    pub fn discarded(&self) -> bool {
+        self.discard.load(Ordering::Acquire)
     }
 }
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
+        self.store.unregister_writer(&self.digest, &self.discard);
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp_path);
         }

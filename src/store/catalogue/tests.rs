@@ -150,7 +150,7 @@ fn a_long_journal_is_compacted_at_open() {
 fn a_full_queue_drops_lines_without_waiting_and_the_journal_heals() {
     let dir = tempfile::tempdir().unwrap();
     let (release, hold) = std::sync::mpsc::channel();
-    let catalogue = Arc::new(Catalogue::open_with(dir.path(), 4, Some(hold)).unwrap());
+    let catalogue = Arc::new(Catalogue::open_with(dir.path(), 4, Some(hold), PULL_FLUSH).unwrap());
 
     // The writer is held, so only 4 lines fit; the other 96 records must not wait for it.
     let (done, finished) = std::sync::mpsc::channel();
@@ -205,4 +205,73 @@ fn unknown_lines_are_skipped() {
     catalogue.record_tag("docker.io", "library/alpine", "3.20", &digest(1), INDEX);
     drop(catalogue);
     assert_eq!(Catalogue::open(dir.path()).unwrap().tags().len(), 1);
+}
+
+#[test]
+fn pulls_are_counted_in_memory_and_written_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let catalogue = Catalogue::open(dir.path()).unwrap();
+        catalogue.record_manifest(&digest(1), MANIFEST, 10, &[]);
+        catalogue.record_manifest(&digest(2), MANIFEST, 10, &[]);
+        for _ in 0..3 {
+            catalogue.record_pull(&digest(1));
+        }
+        catalogue.record_pull(&digest(2));
+        catalogue.record_pull(&digest(99));
+        assert_eq!(catalogue.pulls(&digest(1)).unwrap().count, 3);
+        assert!(
+            catalogue.pulls(&digest(99)).is_none(),
+            "a manifest the catalogue does not hold is not counted"
+        );
+        let last = catalogue.pulls(&digest(2)).unwrap().last;
+        let age = SystemTime::now().duration_since(last).unwrap();
+        assert!(age < Duration::from_secs(5), "{age:?}");
+        assert!(
+            !journal_lines(dir.path())
+                .iter()
+                .any(|l| l.contains("pulls")),
+            "nothing is written on the request path"
+        );
+    }
+    let catalogue = Catalogue::open(dir.path()).unwrap();
+    assert_eq!(catalogue.pulls(&digest(1)).unwrap().count, 3);
+    assert_eq!(catalogue.pulls(&digest(2)).unwrap().count, 1);
+    catalogue.record_pull(&digest(1));
+    catalogue.forget_manifest(&digest(2));
+    assert!(catalogue.pulls(&digest(2)).is_none(), "a purge resets them");
+    drop(catalogue);
+    let catalogue = Catalogue::open(dir.path()).unwrap();
+    assert_eq!(catalogue.pulls(&digest(1)).unwrap().count, 4);
+    assert!(catalogue.pulls(&digest(2)).is_none());
+}
+
+#[test]
+fn pulls_reach_the_journal_within_the_flush_interval_while_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalogue =
+        Catalogue::open_with(dir.path(), QUEUE, None, Duration::from_millis(50)).unwrap();
+    catalogue.record_manifest(&digest(1), MANIFEST, 10, &[]);
+    catalogue.record_pull(&digest(1));
+    catalogue.record_pull(&digest(1));
+    // Waits for the writer's line (the event), bounded so a writer that never writes fails.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let written = loop {
+        let pulls: Vec<String> = journal_lines(dir.path())
+            .into_iter()
+            .filter(|l| l.contains(r#""op":"pulls""#))
+            .collect();
+        if !pulls.is_empty() || std::time::Instant::now() > deadline {
+            break pulls;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert!(written[0].contains(r#""count":2"#), "{written:?}");
+    // Compaction keeps them: the journal is rewritten from memory.
+    drop(catalogue);
+    let state = replay(&dir.path().join(JOURNAL)).unwrap().0;
+    rewrite(dir.path(), &state).unwrap();
+    let reopened = Catalogue::open(dir.path()).unwrap();
+    assert_eq!(reopened.pulls(&digest(1)).unwrap().count, 2);
 }
