@@ -98,6 +98,8 @@ impl App {
         );
         let mut mirror = Mirror::new(config, Arc::clone(&store), tags, pool, Arc::clone(&metrics))?;
         if let (Some(tier), Some(s3)) = (&object_tier, &config.storage.s3) {
+            // Pins keep content in the bucket too (on this replica's sweeps).
+            tier.spare_pins(Arc::clone(store.pins()));
             let consumer = uploader(Arc::clone(tier), Arc::clone(&store), s3.max_uploads);
             mirror = mirror
                 .with_commit_hook(CommitHook::spawn(UPLOAD_QUEUE, consumer))

@@ -296,17 +296,19 @@ fn image_size(catalogue: &Catalogue, digest: &Digest) -> u64 {
     total
 }
 
-/// Pull counts and last pulls come from the store's catalogue once the content helper's
-/// `Catalogue::pulls` lands; until then every image reads as never pulled. The lead rewires
-/// this one function at the merge.
-fn pulls_of(_control: &Control, _digest: &Digest) -> Pulls {
-    Pulls::default()
+/// How often and when `digest` was last pulled (manifest `GET`s, counted by the catalogue).
+fn pulls_of(control: &Control, digest: &Digest) -> Pulls {
+    match control.mirror.store().catalogue().pulls(digest) {
+        Some(record) => Pulls {
+            count: record.count,
+            last: Some(record.last),
+        },
+        None => Pulls::default(),
+    }
 }
 
-/// Pins come from `Store::is_pinned` once the content helper's pins land; the lead rewires this
-/// one function at the merge.
-fn is_pinned(_control: &Control, _digest: &Digest) -> bool {
-    false
+fn is_pinned(control: &Control, digest: &Digest) -> bool {
+    control.mirror.store().pins().contains(digest)
 }
 
 fn parse_cursor(cursor: &str) -> Option<usize> {

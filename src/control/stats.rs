@@ -131,14 +131,10 @@ fn downloads(control: &Control) -> Vec<Value> {
         .collect()
 }
 
-/// `storage.max_size`. The store does not expose it yet (`Store::max_size()`); until it does,
-/// the stats say `null` (no limit known) rather than a wrong number.
-fn max_size(_control: &Control) -> Option<u64> {
-    None
+fn max_size(control: &Control) -> Option<u64> {
+    control.mirror.store().max_size()
 }
 
-/// Bytes of pinned content. Pins are the content helper's (`Store::pinned_bytes()`); the lead
-/// rewires this one function when they merge.
-fn pinned_bytes(_control: &Control) -> u64 {
-    0
+fn pinned_bytes(control: &Control) -> u64 {
+    control.mirror.store().pinned_bytes()
 }

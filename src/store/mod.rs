@@ -861,6 +861,11 @@ impl Store {
             .set(i64::try_from(index.lru.len()).unwrap_or(i64::MAX));
     }
 
+    /// `storage.max_size`, if any.
+    pub fn max_size(&self) -> Option<u64> {
+        self.max_size
+    }
+
     /// Bytes and entries currently indexed.
     pub fn usage(&self) -> (u64, usize) {
         let index = self.lock_index();
