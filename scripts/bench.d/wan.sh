@@ -84,6 +84,7 @@ ip netns add "$WAN_LINK_NS"
 # (whose iptables rules go with them). Then scripts/bench's own clean-up (processes, temp dir).
 wan_teardown() {
   local status=$? name pid ns
+  set +e # every step runs, whatever failed before; `(exit $status)` hands cleanup the status
   for name in "${!PIDS[@]}"; do
     case $name in
       up-wan-* | break-* | delay) stop "$name" ;;
@@ -103,6 +104,15 @@ wan_teardown() {
   cleanup
 }
 trap wan_teardown EXIT
+# Ctrl-C: bash drops a SIGINT that came while it waited for a foreground command which then exited
+# normally (its "wait and cooperative exit" rule; `$(curl ... || true)` does that, and so does
+# python's own SIGINT handling), and the run would go on. This watcher (SIGINT is ignored in
+# background jobs, so it installs its own handler) turns the terminal's SIGINT into a SIGTERM for
+# this shell, whose trap always runs.
+$PY -c 'import os, signal, sys
+signal.signal(signal.SIGINT, lambda *_: (os.kill(int(sys.argv[1]), signal.SIGTERM), sys.exit(0)))
+signal.pause()' "$$" &
+PIDS[int-watch]=$!
 
 # A /29 in 10.213.0.0/16 that no interface or route here uses yet.
 WAN_NET=
