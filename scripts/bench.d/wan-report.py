@@ -26,6 +26,8 @@ METRICS = [
     ("tags_upstream_requests", "tag by 3 client types: upstream requests, all kinds", "", "lower"),
     ("break_wall_s", "{break_mib} MiB blob cut at {at}%: time to complete", "s", "lower"),
     ("break_client_attempts", "cut blob: client attempts (Range resume)", "", "lower"),
+    ("break_client_statuses", "cut blob: the attempts' HTTP statuses", "", None),
+    ("break_intact", "cut blob: the client's copy has the blob's digest (1 yes, 0 no)", "", "higher"),
     ("break_refetch_mib", "cut blob: upstream MiB sent again after the cut", "MiB", "lower"),
     ("break_refetch_vs_rest", "cut blob: re-fetched / the remaining {rest}%", "x", "lower"),
     ("break_refetch_gets", "cut blob: upstream GETs after the cut (ranged)", "", "lower"),
@@ -35,7 +37,7 @@ METRICS = [
 def advantage(gantry, other, better):
     """How many times better gantry is (>1: gantry better); None where a zero on either side makes
     a ratio say nothing."""
-    if not isinstance(gantry, (int, float)) or not isinstance(other, (int, float)):
+    if better is None or not isinstance(gantry, (int, float)) or not isinstance(other, (int, float)):
         return None
     if not gantry or not other:
         return None
@@ -59,7 +61,8 @@ def markdown(meta, peers, order):
     for key, label, unit, better in METRICS:
         cells = [label.format(**context), unit]
         for p in order:
-            cell = fmt(peers[p].get(key))
+            value = peers[p].get(key)
+            cell = value if isinstance(value, str) else fmt(value)
             if key == "break_refetch_gets" and key in peers[p]:
                 cell += f" ({fmt(peers[p].get('break_refetch_ranged'))})"
             cells.append(cell)
