@@ -374,34 +374,36 @@ impl PerRegistry {
                 .expect("metric registered once");
             metric
         }
-        let counters = |name: &str, help: &str, labels: &[&str]| {
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let metric =
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
             registered(registry, metric)
         };
-        let gauges = |name: &str, help: &str| {
-            let metric = IntGaugeVec::new(Opts::new(name, help), &["registry"])
-                .expect("valid metric definition");
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
             registered(registry, metric)
         };
         Self {
-            lookups: counters(
+            lookups: counter_vec(
                 "gantry_registry_lookups_total",
                 "Manifest and blob requests by registry and outcome (hit: answered from the caches, miss: from the upstream).",
                 &["registry", "outcome"],
             ),
-            bytes_served: counters(
+            bytes_served: counter_vec(
                 "gantry_registry_bytes_served_total",
                 "Blob and manifest bytes sent to clients, by registry and source (cache, upstream).",
                 &["registry", "source"],
             ),
-            ratelimit_limit: gauges(
+            ratelimit_limit: gauge_vec(
                 "gantry_upstream_ratelimit_limit",
                 "The request quota per window the upstream last announced (ratelimit-limit).",
+                &["registry"],
             ),
-            ratelimit_remaining: gauges(
+            ratelimit_remaining: gauge_vec(
                 "gantry_upstream_ratelimit_remaining",
                 "The requests left in the window the upstream last announced (ratelimit-remaining).",
+                &["registry"],
             ),
             resolved: RwLock::default(),
         }
