@@ -5,30 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
-use std::time::Duration;
 
+use common::control::gantry_ctl;
 use common::images::Layout;
 use common::{pull, push, Fixture, Gantry, Options};
-
-/// Runs `gantry <args…> --admin <admin>` and returns its output.
-async fn gantry_ctl(admin: &str, args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"));
-    command.args(args).arg("--admin").arg(admin);
-    command.env_remove("GANTRY_ADMIN_TOKEN");
-    tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .expect("the command finishes")
-        .expect("the gantry binary runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 /// Every file under the store's `blobs/` or `manifests/` (a digest's hex each).
 fn files(store: &Path, kind: &str) -> Vec<String> {
@@ -68,11 +48,13 @@ async fn rm_purges_an_image_and_the_next_pull_goes_upstream_with_no_orphan_left(
     assert!(!files(&store, "manifests").is_empty());
 
     let output = gantry_ctl(&admin(&gantry), &["rm", "test/multi:v1"]).await;
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.success, "{}", output.text());
     assert!(
-        text(&output).contains("removed 1 tag(s), 1 manifest(s), 5 blob(s)"),
+        output
+            .text()
+            .contains("removed 1 tag(s), 1 manifest(s), 5 blob(s)"),
         "{}",
-        text(&output)
+        output.text()
     );
     assert!(
         files(&store, "blobs").is_empty(),
@@ -103,20 +85,16 @@ async fn rm_purges_an_image_and_the_next_pull_goes_upstream_with_no_orphan_left(
 
     // One reference that matches nothing: named, non-zero, and the other one still applies.
     let output = gantry_ctl(&admin(&gantry), &["rm", "test/nothing:v9", "test/multi:v1"]).await;
-    assert!(!output.status.success(), "{}", text(&output));
+    assert!(!output.success, "{}", output.text());
     assert!(
-        text(&output).contains("test/nothing:v9"),
+        output.text().contains("test/nothing:v9"),
         "{}",
-        text(&output)
+        output.text()
     );
     assert!(files(&store, "blobs").is_empty());
     let output = gantry_ctl(&admin(&gantry), &["rm", "--json", "test/multi:v1"]).await;
-    assert!(
-        !output.status.success(),
-        "purged already: {}",
-        text(&output)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(!output.success, "purged already: {}", output.text());
+    let answer: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
     assert_eq!(answer["error"]["code"], "NOT_FOUND", "{answer}");
     gantry.stop().await;
 }
@@ -158,13 +136,13 @@ async fn a_wrong_or_missing_token_is_refused_and_nothing_changes() {
         ],
     ] {
         let output = gantry_ctl(&admin(&gantry), &args).await;
-        assert!(!output.status.success(), "{args:?}: {}", text(&output));
-        assert!(text(&output).contains("401"), "{args:?}: {}", text(&output));
+        assert!(!output.success, "{args:?}: {}", output.text());
+        assert!(output.text().contains("401"), "{args:?}: {}", output.text());
         assert_eq!(files(&store, "blobs"), before, "{args:?} changed nothing");
     }
     assert!(!store.join("pins").exists(), "nothing was pinned");
     let output = gantry_ctl(&admin(&gantry), &["rm", "--token", token, "test/multi:v1"]).await;
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.success, "{}", output.text());
     assert!(files(&store, "blobs").is_empty());
     gantry.stop().await;
 }
@@ -185,12 +163,12 @@ async fn a_pinned_image_outlives_a_store_filled_past_max_size() {
     pull(&pinned, true).await.1.expect("pull of the index");
     gantry.settled().await;
     let output = gantry_ctl(&admin(&gantry), &["pin", "test/index:idx"]).await;
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.success, "{}", output.text());
     // The index, two platform manifests, two configs and four layers.
     assert!(
-        text(&output).contains("pinned 9 digest(s) (9 new)"),
+        output.text().contains("pinned 9 digest(s) (9 new)"),
         "{}",
-        text(&output)
+        output.text()
     );
 
     // 4.35 MB of other content through a 1 MiB store.
@@ -220,7 +198,7 @@ async fn a_pinned_image_outlives_a_store_filled_past_max_size() {
     );
     // Unpinned, nothing is pinned any more, durably.
     let output = gantry_ctl(&admin(&gantry), &["unpin", "test/index:idx"]).await;
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.success, "{}", output.text());
     assert_eq!(std::fs::read_to_string(store.join("pins")).unwrap(), "");
     gantry.stop().await;
 }
@@ -262,8 +240,8 @@ async fn refresh_after_a_retag_upstream_shows_the_new_digest_inside_the_ttl() {
     );
     // …until a refresh.
     let output = gantry_ctl(&admin(&gantry), &["refresh", "--json", "test/multi:v1"]).await;
-    assert!(output.status.success(), "{}", text(&output));
-    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.success, "{}", output.text());
+    let answer: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
     let result = &answer["results"][0];
     assert_eq!(
         result["before"],

@@ -62,20 +62,7 @@ impl Operated {
 
     /// Runs `gantry ARGS… --admin http://ADMIN` and returns what it did.
     pub async fn ctl(&self, args: &[&str]) -> Ctl {
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
-            .args(args)
-            .arg("--admin")
-            .arg(format!("http://{}", self.admin))
-            .env_remove("GANTRY_ADMIN_TOKEN")
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("the gantry binary runs");
-        Ctl {
-            success: output.status.success(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        gantry_ctl(&format!("http://{}", self.admin), args).await
     }
 
     /// Runs a `--json` command that must succeed, and parses what it printed.
@@ -89,10 +76,38 @@ impl Operated {
     }
 }
 
+/// Runs `gantry ARGS… --admin ADMIN_URL` (without any GANTRY_ADMIN_TOKEN of the environment),
+/// bounded, and returns what it did.
+pub async fn gantry_ctl(admin_url: &str, args: &[&str]) -> Ctl {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gantry"));
+    command
+        .args(args)
+        .arg("--admin")
+        .arg(admin_url)
+        .env_remove("GANTRY_ADMIN_TOKEN")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the command finishes within 120 s")
+        .expect("the gantry binary runs");
+    Ctl {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
 /// One CLI run.
 #[derive(Debug)]
 pub struct Ctl {
     pub success: bool,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl Ctl {
+    /// Everything it printed, stdout then stderr.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
 }
