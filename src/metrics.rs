@@ -328,6 +328,48 @@ impl Default for Metrics {
     }
 }
 
+/// Resumed upstream downloads (`limits.download_resumes`), registered by the mirror that resumes
+/// them, once per registry (see [`Metrics::download_resumes`]).
+#[derive(Clone)]
+pub struct ResumeMetrics {
+    /// Requests made again from the byte reached, by origin and result (`resumed`: it answered
+    /// and the download goes on; `failed`: it did not answer; `gave_up`: no attempt left or an
+    /// answer not worth another).
+    pub resumes: IntCounterVec,
+    /// Bytes received again: the part before the offset of a resumed request that an origin
+    /// answered whole (`200`, ignoring `Range`), dropped as it arrives.
+    pub refetched: IntCounter,
+}
+
+impl Metrics {
+    /// The resume series, registered in this registry on the first call. A second call (a second
+    /// mirror over the same metrics) gets counters of its own that are not exported.
+    pub fn download_resumes(&self) -> ResumeMetrics {
+        let resumes = IntCounterVec::new(
+            Opts::new(
+                "gantry_download_resumes_total",
+                "Upstream requests made again from the byte a broken download reached, by origin and result (resumed, failed, gave_up).",
+            ),
+            &["origin", "result"],
+        )
+        .expect("valid metric definition");
+        let refetched = IntCounter::new(
+            "gantry_download_refetched_bytes_total",
+            "Bytes received again because an origin answered a resumed request whole (200) instead of from the byte asked.",
+        )
+        .expect("valid metric definition");
+        for metric in [
+            Box::new(resumes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refetched.clone()),
+        ] {
+            if let Err(error) = self.registry.register(metric) {
+                tracing::debug!(%error, "resume metrics already registered; these are not exported");
+            }
+        }
+        ResumeMetrics { resumes, refetched }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

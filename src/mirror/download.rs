@@ -131,7 +131,12 @@ impl Mirror {
             .metrics
             .upstream_bytes
             .with_label_values(&[upstream.name()]);
-        let origin = UpstreamOrigin::new(Arc::clone(upstream), repo.clone(), received);
+        let origin = UpstreamOrigin::new(
+            Arc::clone(upstream),
+            repo.clone(),
+            received,
+            self.resumes.refetched(),
+        );
         self.metrics.downloads_in_flight.inc();
         // Owned by the mirror through the claim; ends when the download commits, fails or times out.
         tokio::spawn(Arc::clone(self).run(owner, origin, digest.clone(), first_tx));
@@ -295,7 +300,7 @@ impl Mirror {
         first: mpsc::Sender<Bytes>,
         registry: &str,
     ) -> Result<u64, MirrorError> {
-        let opened = open_first(digest, origins).await?;
+        let opened = open_first(digest, origins, self.resumes.clone()).await?;
         let writer = self
             .store
             .begin_blob(digest, opened.size)

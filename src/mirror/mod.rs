@@ -110,6 +110,8 @@ pub struct Mirror {
     manifest_uploads: Arc<tokio::sync::Semaphore>,
     /// Download leases and peer reads across replicas (`cluster:`).
     cluster: Option<Cluster>,
+    /// How a download whose upstream body breaks off asks again (`limits.download_resumes`).
+    resumes: resume::Retries,
 }
 
 /// What a replica of a fleet uses to make one upstream fetch per blob for all of them.
@@ -136,6 +138,10 @@ impl Mirror {
                 move || joins.inc()
             }),
             listings: listing::listings(),
+            resumes: resume::Retries::new(
+                config.limits.download_resumes,
+                metrics.download_resumes(),
+            ),
             metrics,
             max_manifest_size: usize::try_from(config.limits.max_manifest_size.0)
                 .unwrap_or(usize::MAX),
