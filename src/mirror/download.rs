@@ -235,7 +235,9 @@ impl Mirror {
 
     /// Fetches, verifies and commits one blob from the first of its origins that holds it:
     /// the object tier, then (in a fleet) the replica holding the digest's lease, then the
-    /// upstream, each taking over from the one before at the byte it broke off. Returns its size.
+    /// upstream, each taking over from the one before at the byte it broke off, and the upstream
+    /// asked again from there when it breaks off itself (`limits.download_resumes`). Returns its
+    /// size.
     async fn download(
         &self,
         upstream: &UpstreamOrigin,
