@@ -115,6 +115,9 @@ pub struct Metrics {
     pub cluster_lease_renew_failures: IntCounter,
     /// Manifest requests answered 404 from the negative cache, by kind (`tag`, `digest`).
     pub negative_cache_hits: IntCounterVec,
+    /// See [`ResumeMetrics`].
+    download_resumes: IntCounterVec,
+    download_refetched_bytes: IntCounter,
     /// Lookups, bytes served and upstream rate limits by registry (see [`PerRegistry`]).
     pub per_registry: PerRegistry,
 }
@@ -298,6 +301,15 @@ impl Metrics {
                 "gantry_negative_cache_hits_total",
                 "Manifest requests answered 404 from the negative cache (mirroring.negative_ttl) without asking the upstream, by kind (tag, digest).",
                 &["kind"],
+            ),
+            download_resumes: counter_vec(
+                "gantry_download_resumes_total",
+                "Upstream requests made again from the byte a broken download reached, by origin and result (resumed, failed, gave_up).",
+                &["origin", "result"],
+            ),
+            download_refetched_bytes: counter(
+                "gantry_download_refetched_bytes_total",
+                "Bytes received again because an origin answered a resumed request whole (200) instead of from the byte asked.",
             ),
             per_registry: PerRegistry::new(&registry),
             registry,
@@ -485,6 +497,26 @@ impl Metrics {
         }
         errors
     }
+
+    /// The resume series, for the mirror's downloads (`limits.download_resumes`).
+    pub fn download_resumes(&self) -> ResumeMetrics {
+        ResumeMetrics {
+            resumes: self.download_resumes.clone(),
+            refetched: self.download_refetched_bytes.clone(),
+        }
+    }
+}
+
+/// Resumed upstream downloads (`limits.download_resumes`).
+#[derive(Clone)]
+pub struct ResumeMetrics {
+    /// Requests made again from the byte reached, by origin and result (`resumed`: it answered
+    /// and the download goes on; `failed`: it did not answer; `gave_up`: no attempt left or an
+    /// answer not worth another).
+    pub resumes: IntCounterVec,
+    /// Bytes received again: the part before the offset of a resumed request that an origin
+    /// answered whole (`200`, ignoring `Range`), dropped as it arrives.
+    pub refetched: IntCounter,
 }
 
 #[cfg(test)]

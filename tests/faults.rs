@@ -63,6 +63,9 @@ async fn blob_upstream(blobs: Vec<(Bytes, String)>, mode: Arc<AtomicU8>) -> Fake
     .await
 }
 
+/// A broken upstream body fails its download, instead of being asked for again.
+const NO_RESUMES: &str = "limits:\n  download_resumes: 0";
+
 /// `gantry_download_failures_total{reason}` right now.
 async fn failures(gantry: &Gantry, reason: &str) -> f64 {
     value(
@@ -81,7 +84,8 @@ fn gets_of(requests: impl IntoIterator<Item = String>, digest: &str) -> usize {
 
 /// A body that stalls halfway: gantry gives up after `timeouts.idle` (not `timeouts.download`,
 /// an hour), keeps nothing, and serves the blob once the upstream behaves. Then a body that
-/// breaks off (a transport error) the same way.
+/// breaks off (a transport error) the same way. With `limits.download_resumes: 0`: this is the
+/// failure itself, which a resumed request (tests/resume.rs) would otherwise turn into a blob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_or_broken_upstream_body_fails_cleanly() {
     let (content, digest) = blob(2 << 20, 1);
@@ -89,6 +93,7 @@ async fn a_stalled_or_broken_upstream_body_fails_cleanly() {
     let upstream = blob_upstream(vec![(content.clone(), digest.clone())], Arc::clone(&mode)).await;
     let options = Options {
         timeouts: "  idle: 1s",
+        extra: NO_RESUMES,
         ..Options::default()
     };
     let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &upstream.url(), options).await;
@@ -144,7 +149,9 @@ async fn a_stalled_or_broken_upstream_body_fails_cleanly() {
 
 /// Bodies that end cleanly (chunked, with a proper last chunk) but not at the right length or
 /// with the right bytes: only gantry's own checks can refuse them, not hyper's framing. Each case
-/// is caught by one check alone, named in its description.
+/// is caught by one check alone, named in its description. With `limits.download_resumes: 0`:
+/// a body short of its `Content-Length` would otherwise be asked for again from where it ended
+/// (tests/resume.rs), and the size check is what is tested here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_ends_cleanly_with_the_wrong_bytes_is_refused() {
     let (content, digest) = blob(1 << 20, 7);
@@ -197,7 +204,11 @@ async fn a_body_that_ends_cleanly_with_the_wrong_bytes_is_refused() {
         response.last_chunk()
     })
     .await;
-    let gantry = Gantry::start(&upstream.url()).await;
+    let options = Options {
+        extra: NO_RESUMES,
+        ..Options::default()
+    };
+    let gantry = Gantry::start_with(tempfile::tempdir().unwrap(), &upstream.url(), options).await;
     let url = gantry.url(&format!("/v2/team/app/blobs/{digest}"));
     let store = gantry.dir.path().join("store");
 

@@ -319,6 +319,10 @@ pub struct Limits {
     /// The bucket's size: requests a client may make at once after a pause. Default twice the
     /// rate (at least 1); a pull opens with a request per layer at once.
     pub requests_burst_per_client: Option<u32>,
+    /// Times a download whose upstream body breaks off (reset, `timeouts.idle`, a clean end
+    /// short of its size) asks the upstream again from the byte it reached (`Range: bytes=N-`),
+    /// with a backoff, inside `timeouts.download`. 0: a broken body fails the download.
+    pub download_resumes: u32,
 }
 
 /// A per-client request budget, from `limits.requests_per_second_per_client` and its burst.
@@ -455,6 +459,7 @@ impl Default for Limits {
             max_queued_downloads: 256,
             requests_per_second_per_client: None,
             requests_burst_per_client: None,
+            download_resumes: 3,
         }
     }
 }

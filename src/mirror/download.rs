@@ -131,7 +131,12 @@ impl Mirror {
             .metrics
             .upstream_bytes
             .with_label_values(&[upstream.name()]);
-        let origin = UpstreamOrigin::new(Arc::clone(upstream), repo.clone(), received);
+        let origin = UpstreamOrigin::new(
+            Arc::clone(upstream),
+            repo.clone(),
+            received,
+            self.resumes.refetched(),
+        );
         self.metrics.downloads_in_flight.inc();
         // Owned by the mirror through the claim; ends when the download commits, fails or times out.
         tokio::spawn(Arc::clone(self).run(owner, origin, digest.clone(), first_tx));
@@ -230,7 +235,9 @@ impl Mirror {
 
     /// Fetches, verifies and commits one blob from the first of its origins that holds it:
     /// the object tier, then (in a fleet) the replica holding the digest's lease, then the
-    /// upstream, each taking over from the one before at the byte it broke off. Returns its size.
+    /// upstream, each taking over from the one before at the byte it broke off, and the upstream
+    /// asked again from there when it breaks off itself (`limits.download_resumes`). Returns its
+    /// size.
     async fn download(
         &self,
         upstream: &UpstreamOrigin,
@@ -295,7 +302,7 @@ impl Mirror {
         first: mpsc::Sender<Bytes>,
         registry: &str,
     ) -> Result<u64, MirrorError> {
-        let opened = open_first(digest, origins).await?;
+        let opened = open_first(digest, origins, self.resumes.clone()).await?;
         let writer = self
             .store
             .begin_blob(digest, opened.size)

@@ -116,6 +116,8 @@ pub struct Mirror {
     /// `negative_ttl` by upstream name, for the registries that override `mirroring.negative_ttl`.
     negative_ttls: std::collections::HashMap<String, Duration>,
     default_negative_ttl: Duration,
+    /// How a download whose upstream body breaks off asks again (`limits.download_resumes`).
+    resumes: resume::Retries,
 }
 
 /// What a replica of a fleet uses to make one upstream fetch per blob for all of them.
@@ -142,6 +144,10 @@ impl Mirror {
                 move || joins.inc()
             }),
             listings: listing::listings(),
+            resumes: resume::Retries::new(
+                config.limits.download_resumes,
+                metrics.download_resumes(),
+            ),
             metrics,
             max_manifest_size: usize::try_from(config.limits.max_manifest_size.0)
                 .unwrap_or(usize::MAX),

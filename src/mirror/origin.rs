@@ -153,14 +153,23 @@ pub struct UpstreamOrigin {
     repo: RepoName,
     /// `gantry_upstream_bytes_total` for this registry, resolved once per download.
     received: IntCounter,
+    /// `gantry_download_refetched_bytes_total`: bytes before the offset of a resumed request
+    /// that the upstream sent again (it ignored `Range`).
+    refetched: Option<IntCounter>,
 }
 
 impl UpstreamOrigin {
-    pub fn new(upstream: Arc<Upstream>, repo: RepoName, received: IntCounter) -> Self {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        repo: RepoName,
+        received: IntCounter,
+        refetched: Option<IntCounter>,
+    ) -> Self {
         Self {
             upstream,
             repo,
             received,
+            refetched,
         }
     }
 }
@@ -195,7 +204,7 @@ impl BlobOrigin for UpstreamOrigin {
         let chunks = futures_util::stream::try_unfold(state, next_chunk);
         Ok(Some(Opened {
             size,
-            chunks: skip_bytes(Box::pin(chunks), skip),
+            chunks: skip_bytes(Box::pin(chunks), skip, self.refetched.clone()),
         }))
     }
 }
@@ -210,25 +219,38 @@ fn content_range_total(headers: &http::HeaderMap, offset: u64) -> Option<u64> {
         .flatten()
 }
 
-/// `chunks` without their first `skip` bytes.
-pub(super) fn skip_bytes(chunks: Chunks, skip: u64) -> Chunks {
+/// `chunks` without their first `skip` bytes, each dropped byte counted in `dropped` as it
+/// arrives (what a resumed download paid for an origin that ignored `Range`).
+pub(super) fn skip_bytes(chunks: Chunks, skip: u64, dropped: Option<IntCounter>) -> Chunks {
     if skip == 0 {
         return chunks;
     }
-    let skipping =
-        futures_util::stream::try_unfold((chunks, skip), |(mut chunks, mut skip)| async move {
+    let count = move |n: u64| {
+        if let Some(dropped) = &dropped {
+            dropped.inc_by(n);
+        }
+    };
+    let skipping = futures_util::stream::try_unfold(
+        (chunks, skip, count),
+        |(mut chunks, mut skip, count)| async move {
             use futures_util::StreamExt;
             while let Some(chunk) = chunks.next().await {
                 let mut chunk = chunk?;
                 if skip >= chunk.len() as u64 {
                     skip -= chunk.len() as u64;
+                    count(chunk.len() as u64);
                     continue;
                 }
+                if skip == 0 {
+                    return Ok(Some((chunk, (chunks, 0, count))));
+                }
+                count(skip);
                 let rest = chunk.split_off(skip as usize);
-                return Ok(Some((rest, (chunks, 0))));
+                return Ok(Some((rest, (chunks, 0, count))));
             }
             Ok(None)
-        });
+        },
+    );
     Box::pin(skipping)
 }
 
@@ -268,14 +290,20 @@ mod tests {
     #[tokio::test]
     async fn skipping_drops_exactly_the_first_bytes_across_chunks() {
         for skip in 0..=7 {
+            let dropped = IntCounter::new("dropped", "dropped").unwrap();
             let parts =
                 [&b"abc"[..], b"de", b"fg"].map(|p| Ok::<_, MirrorError>(Bytes::from_static(p)));
             let chunks: Chunks = Box::pin(futures_util::stream::iter(parts));
-            let rest: Vec<u8> = skip_bytes(chunks, skip)
+            let rest: Vec<u8> = skip_bytes(chunks, skip, Some(dropped.clone()))
                 .map(|c| c.unwrap().to_vec())
                 .concat()
                 .await;
             assert_eq!(rest, &b"abcdefg"[skip as usize..], "skip {skip}");
+            assert_eq!(
+                dropped.get(),
+                skip,
+                "skip {skip}: every dropped byte counted"
+            );
         }
     }
 }
