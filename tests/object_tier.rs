@@ -131,6 +131,31 @@ async fn a_pulled_image_lands_in_the_bucket_under_its_content_keys() {
     );
     let ready = http_get(&gantry.admin_url("/readyz"), &[]).await.unwrap();
     assert_eq!(ready.json()["object_tier"], "up", "{:?}", ready.body);
+    // The operator's inspection says where each blob is: here, and in the bucket too.
+    let inspected = http_get(
+        &gantry.admin_url("/api/v1/images/inspect?image=test/multi:v1"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let inspected = inspected.json();
+    let listed: Vec<(String, bool, bool)> = inspected["manifests"][0]["blobs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no blobs in {inspected}"))
+        .iter()
+        .map(|blob| {
+            (
+                blob["digest"].as_str().unwrap().to_owned(),
+                blob["local"] == true,
+                blob["object_tier"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(listed.len(), blobs.len(), "{inspected}");
+    assert!(
+        listed.iter().all(|(_, local, tier)| *local && *tier),
+        "every blob is local and in the object tier: {inspected}"
+    );
     gantry.stop().await;
 }
 

@@ -184,6 +184,31 @@ fn nothing_cached(text: &str) -> ControlError {
     ControlError::NotFound(format!("nothing is cached under `{text}`"))
 }
 
+/// Blob `HEAD`s to the object tier at once, at most: an inspection of a large image stays quick
+/// without a burst of hundreds of requests.
+const TIER_HEADS: usize = 8;
+
+/// Adds `"object_tier": true|false` to each blob when a tier is configured (`null` when the tier
+/// did not answer: unknown, not absent).
+async fn with_object_tier(control: &Control, blobs: Vec<Value>) -> Vec<Value> {
+    use futures_util::StreamExt;
+    let Some(tier) = control.object_tier.as_deref() else {
+        return blobs;
+    };
+    futures_util::stream::iter(blobs)
+        .map(|mut blob| async move {
+            let held = match blob["digest"].as_str().map(Digest::parse) {
+                Some(Ok(digest)) => tier.has_blob(&digest).await.ok(),
+                _ => None,
+            };
+            blob["object_tier"] = json!(held);
+            blob
+        })
+        .buffered(TIER_HEADS)
+        .collect()
+        .await
+}
+
 /// Appends the manifest `digest` (and, for an index, each child after it) to `out`: its media
 /// type, size, platform (as its index names it), whether it is cached, and its blobs with where
 /// each is held.
@@ -223,6 +248,7 @@ async fn describe(
             })
         })
         .collect();
+    let blobs = with_object_tier(control, blobs).await;
     let children: Vec<(Digest, Value)> =
         doc.manifests
             .iter()

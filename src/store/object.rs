@@ -421,6 +421,11 @@ impl ObjectTier {
         result
     }
 
+    /// Whether the tier holds the blob (one `HEAD`), for operators' inspection; never for serving.
+    pub async fn has_blob(&self, digest: &Digest) -> Result<bool, ObjectTierError> {
+        Ok(self.shared.head(&self.blob_key(digest)).await?.is_some())
+    }
+
     /// Deletes a blob (one that did not match its digest); a missing key is not an error.
     pub async fn remove_blob(&self, digest: &Digest) -> Result<(), ObjectTierError> {
         let key = self.blob_key(digest);
