@@ -485,22 +485,6 @@ impl Metrics {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_registered_metrics() {
-        let metrics = Metrics::new();
-        metrics.cache_lookup("blob", "hit");
-        let text = String::from_utf8(metrics.render()).unwrap();
-        assert!(
-            text.contains("gantry_cache_lookups_total{kind=\"blob\",outcome=\"hit\"} 1"),
-            "{text}"
-        );
-    }
-}
-
 /// Control-plane changes announced to, and applied from, the other replicas (through Redis).
 pub struct ControlEventMetrics {
     /// Local changes whose announcement failed (Redis down or refusing): other replicas miss them.
@@ -533,5 +517,21 @@ impl Metrics {
             announce_failures,
             applied,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics() {
+        let metrics = Metrics::new();
+        metrics.cache_lookup("blob", "hit");
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains("gantry_cache_lookups_total{kind=\"blob\",outcome=\"hit\"} 1"),
+            "{text}"
+        );
     }
 }
