@@ -148,8 +148,8 @@ async fn rm_on_one_replica_and_the_other_no_longer_answers_the_tag_from_cache() 
     .unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
-        pair.fixture.proxy.count(&Method::GET, "/manifests/") >= 1,
-        "B answered the purged tag without the upstream: {:?}",
+        pair.fixture.proxy.count(&Method::GET, "/manifests/v1") >= 1,
+        "B resolved the purged tag without the upstream: {:?}",
         pair.fixture.proxy.seen()
     );
 }
