@@ -519,6 +519,41 @@ pub struct ResumeMetrics {
     pub refetched: IntCounter,
 }
 
+/// Control-plane changes announced to, and applied from, the other replicas (through Redis).
+pub struct ControlEventMetrics {
+    /// Local changes whose announcement failed (Redis down or refusing): other replicas miss them.
+    pub announce_failures: IntCounter,
+    /// Other replicas' changes applied here, by action.
+    pub applied: IntCounterVec,
+}
+
+impl Metrics {
+    /// Registers the control-plane event metrics; called once, by the control plane.
+    pub fn control_events(&self) -> ControlEventMetrics {
+        let announce_failures = IntCounter::new(
+            "gantry_control_announce_failures_total",
+            "Purges, pins, unpins and refreshes applied here whose announcement to the other replicas failed.",
+        )
+        .expect("a valid metric");
+        let applied = IntCounterVec::new(
+            Opts::new(
+                "gantry_control_events_applied_total",
+                "Purges, pins, unpins and refreshes announced by another replica and applied here, by action.",
+            ),
+            &["action"],
+        )
+        .expect("a valid metric");
+        // A second registration (a second control plane over these metrics) keeps counting
+        // unexported rather than failing.
+        let _ = self.registry.register(Box::new(announce_failures.clone()));
+        let _ = self.registry.register(Box::new(applied.clone()));
+        ControlEventMetrics {
+            announce_failures,
+            applied,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -218,3 +218,159 @@ async fn attempt(
     };
     Err((keep.then_some(manager), error))
 }
+
+/// One entry of a stream: its id and its fields, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamEntry {
+    pub id: String,
+    pub fields: Vec<(String, String)>,
+}
+
+impl StreamEntry {
+    /// The value of `name`, the first one if it repeats.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Where a stream stands (`XINFO STREAM`); all `None`/0 for a stream that does not exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamBounds {
+    /// The id the next entry will follow: reading after it sees only what comes next.
+    pub last_generated: Option<String>,
+    /// The highest id trimmed or deleted: a reader whose last id is below it may have missed
+    /// entries.
+    pub max_deleted: Option<String>,
+    /// Entries trimmed or deleted since the stream began (`entries-added` − `length`).
+    pub trimmed: u64,
+}
+
+/// Stream commands over the same handle, timeouts and outage policy as [`Redis::run`]. Reads
+/// never block on the server (`XREAD` without `BLOCK`): a blocking read would outlast
+/// [`COMMAND_TIMEOUT`] and mark Redis down.
+impl Redis {
+    /// `XADD key MAXLEN ~ max_len * field value …`; answers the new entry's id.
+    pub async fn stream_add(
+        &self,
+        key: &str,
+        max_len: usize,
+        fields: &[(&str, &str)],
+    ) -> Result<String, Error> {
+        let mut command = ::redis::cmd("XADD");
+        command
+            .arg(key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(max_len)
+            .arg("*");
+        for (field, value) in fields {
+            command.arg(*field).arg(*value);
+        }
+        self.run(&command).await
+    }
+
+    /// `XREAD COUNT count STREAMS key after`: up to `count` entries with ids above `after`.
+    pub async fn stream_read(
+        &self,
+        key: &str,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<StreamEntry>, Error> {
+        let mut command = ::redis::cmd("XREAD");
+        command
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(key)
+            .arg(after);
+        let reply: ::redis::Value = self.run(&command).await?;
+        let mut entries = Vec::new();
+        // [[key, [[id, [field, value, …]], …]]], or nil when nothing is newer.
+        for stream in items(reply) {
+            let mut parts = items(stream).into_iter();
+            let (Some(_key), Some(found)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            for entry in items(found) {
+                let mut parts = items(entry).into_iter();
+                let Some(id) = parts.next().and_then(text) else {
+                    continue;
+                };
+                let flat: Vec<String> = parts
+                    .next()
+                    .map(items)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(text)
+                    .collect();
+                let fields = flat
+                    .chunks_exact(2)
+                    .map(|pair| (pair[0].clone(), pair[1].clone()))
+                    .collect();
+                entries.push(StreamEntry { id, fields });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// `XINFO STREAM key`, or the default for a stream that does not exist yet.
+    pub async fn stream_bounds(&self, key: &str) -> Result<StreamBounds, Error> {
+        let exists: i64 = self.run(::redis::cmd("EXISTS").arg(key)).await?;
+        if exists == 0 {
+            return Ok(StreamBounds::default());
+        }
+        let reply: ::redis::Value = self
+            .run(::redis::cmd("XINFO").arg("STREAM").arg(key))
+            .await?;
+        let pairs: Vec<(String, ::redis::Value)> = match reply {
+            ::redis::Value::Map(pairs) => pairs
+                .into_iter()
+                .filter_map(|(name, value)| Some((text(name)?, value)))
+                .collect(),
+            other => {
+                let flat = items(other);
+                flat.chunks_exact(2)
+                    .filter_map(|pair| Some((text(pair[0].clone())?, pair[1].clone())))
+                    .collect()
+            }
+        };
+        let find = |name: &str| {
+            pairs
+                .iter()
+                .find(|(field, _)| field == name)
+                .map(|(_, value)| value.clone())
+        };
+        let number = |name: &str| match find(name) {
+            Some(::redis::Value::Int(n)) => u64::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
+        let max_deleted = find("max-deleted-entry-id")
+            .and_then(text)
+            .filter(|id| id != "0-0");
+        Ok(StreamBounds {
+            last_generated: find("last-generated-id").and_then(text),
+            max_deleted,
+            trimmed: number("entries-added").saturating_sub(number("length")),
+        })
+    }
+}
+
+/// The elements of an array reply (none for nil or anything else).
+fn items(value: ::redis::Value) -> Vec<::redis::Value> {
+    match value {
+        ::redis::Value::Array(items) | ::redis::Value::Set(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+/// A string reply as text.
+fn text(value: ::redis::Value) -> Option<String> {
+    match value {
+        ::redis::Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        ::redis::Value::SimpleString(text) => Some(text),
+        _ => None,
+    }
+}

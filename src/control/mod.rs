@@ -13,12 +13,14 @@
 //! | `POST /api/v1/purge` | `purge.rs` |
 //! | `POST /api/v1/pin`, `POST /api/v1/unpin` | `pins.rs` |
 //! | `POST /api/v1/refresh` | `refresh.rs` |
+//! | (announcing those four to other replicas, applying theirs) | `events.rs` |
 //! | `GET /` (the status page) | `page.rs` |
 //! | `GET /api/v1/history` (the status page's chart) | `history.rs` |
 
 mod audit;
 mod auth;
 mod error;
+mod events;
 mod history;
 mod image;
 mod inventory;
@@ -36,8 +38,11 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use events::{Action, Events};
 
 pub use auth::Caller;
 pub use error::ControlError;
@@ -73,6 +78,8 @@ pub struct Control {
     metrics: Arc<Metrics>,
     object_tier: Option<Arc<ObjectTier>>,
     redis: Option<Redis>,
+    /// With Redis: announces this replica's changes (see `events.rs`).
+    events: Option<Events>,
     token: Option<Secret>,
     /// The last hour of traffic for the status page; its sampler holds it weakly, so dropping
     /// the control plane ends the sampler.
@@ -96,6 +103,7 @@ impl Control {
             metrics,
             object_tier: None,
             redis: None,
+            events: None,
             token,
             history: Arc::new(History::new(history::INTERVAL, history::POINTS)),
             started: std::time::Instant::now(),
@@ -110,8 +118,21 @@ impl Control {
 
     /// With Redis, mutations are announced to the other replicas.
     pub fn with_redis(mut self, redis: Option<Redis>) -> Self {
+        self.events = redis
+            .clone()
+            .map(|redis| Events::new(redis, self.metrics.control_events()));
         self.redis = redis;
         self
+    }
+
+    /// With Redis, starts the one task that applies the other replicas' changes here, catching
+    /// up from the last one applied (kept under `storage`); it ends when `shutdown` turns.
+    pub fn follow_events(
+        self: &Arc<Self>,
+        storage: &std::path::Path,
+        shutdown: watch::Receiver<bool>,
+    ) -> Option<JoinHandle<()>> {
+        events::follow(Arc::clone(self), storage, shutdown)
     }
 
     /// Starts the one task that samples the counters into the status page's history; it ends
@@ -161,12 +182,9 @@ impl Control {
                     Err(error) => return error.response(),
                 };
                 let action = path.strip_prefix(API_PREFIX).unwrap_or(&path);
-                let result = match action {
-                    "purge" => purge::purge(self, &references.references).await,
-                    "pin" => pins::pin(self, &references.references).await,
-                    "unpin" => pins::unpin(self, &references.references).await,
-                    "refresh" => refresh::refresh(self, &references.references).await,
-                    _ => Err(ControlError::NoRoute(path.clone())),
+                let result = match Action::parse(action) {
+                    Some(action) => self.change(action, &references.references).await,
+                    None => Err(ControlError::NoRoute(path.clone())),
                 };
                 audit::record(&caller, action, &references.references, &result);
                 result
@@ -176,6 +194,101 @@ impl Control {
         match result {
             Ok(value) => json(StatusCode::OK, &value),
             Err(error) => error.response(),
+        }
+    }
+}
+
+impl Control {
+    /// One change asked of this replica: applied here, then announced to the others (with
+    /// Redis) for the references that applied. Redis being down does not undo or fail the
+    /// change; the answer says `announced: false`.
+    async fn change(&self, action: Action, references: &[String]) -> Result<Value, ControlError> {
+        let mut result = self.apply_locally(action, references).await;
+        let results = match &mut result {
+            Ok(value) => value,
+            Err(ControlError::Partly { results, .. }) => results,
+            Err(_) => return result,
+        };
+        let mut applied = Vec::new();
+        let mut tags: Vec<Value> = Vec::new();
+        let mut manifests: Vec<Value> = Vec::new();
+        for each in results["results"].as_array_mut().into_iter().flatten() {
+            let Some(object) = each.as_object_mut() else {
+                continue;
+            };
+            let found = object.remove(purge::RESOLVED);
+            if object.contains_key("error") {
+                continue;
+            }
+            if let Some(reference) = object.get("reference").and_then(Value::as_str) {
+                applied.push(reference.to_owned());
+            }
+            if let Some(found) = found {
+                tags.extend(found["tags"].as_array().cloned().unwrap_or_default());
+                manifests.extend(found["manifests"].as_array().cloned().unwrap_or_default());
+            }
+        }
+        let Some(events) = self.events.as_ref().filter(|_| !applied.is_empty()) else {
+            return result;
+        };
+        let resolved = serde_json::json!({ "tags": tags, "manifests": manifests });
+        let announced = events.announce(action, &applied, &resolved).await;
+        if let Some(each) = results["results"].as_array_mut() {
+            for each in each.iter_mut().filter(|each| each.get("error").is_none()) {
+                each["announced"] = Value::Bool(announced);
+            }
+        }
+        if let Ok(value) = &mut result {
+            value["announced"] = Value::Bool(announced);
+        }
+        result
+    }
+
+    /// The change itself, on this replica only: what the API and other replicas' events share.
+    async fn apply_locally(
+        &self,
+        action: Action,
+        references: &[String],
+    ) -> Result<Value, ControlError> {
+        match action {
+            Action::Purge => purge::purge(self, references).await,
+            Action::Pin => pins::pin(self, references).await,
+            Action::Unpin => pins::unpin(self, references).await,
+            Action::Refresh => refresh::refresh(self, references).await,
+        }
+    }
+
+    /// Another replica's change, applied here without announcing it again, to what it resolved
+    /// to there (this replica's catalogue may not know a tag it learned through Redis). A
+    /// refresh there already wrote the new answer to Redis: here the tag only leaves memory.
+    async fn apply_remote(&self, action: Action, resolved: &events::Resolved) -> Value {
+        match action {
+            Action::Purge => {
+                let purged = purge::purge_resolved(
+                    self,
+                    &resolved.tags,
+                    resolved.manifests.clone(),
+                    purge::TagScope::Local,
+                )
+                .await;
+                serde_json::json!({
+                    "manifests": purged.manifests.len(),
+                    "blobs": purged.blobs.len(),
+                    "bytes": purged.bytes,
+                })
+            }
+            Action::Pin | Action::Unpin => {
+                match pins::pin_resolved(self, &resolved.manifests, action == Action::Pin).await {
+                    Ok((digests, changed)) => {
+                        serde_json::json!({ "digests": digests.len(), "changed": changed })
+                    }
+                    Err(error) => serde_json::json!({ "error": error.to_string() }),
+                }
+            }
+            Action::Refresh => {
+                refresh::forget_locally(self, &resolved.tags);
+                serde_json::json!({ "tags": resolved.tags.len() })
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
 
-use super::purge::{for_each, matches, tag_name};
+use super::purge::{for_each, matches, resolved, tag_name, RESOLVED};
 use super::{Control, ControlError};
 use crate::oci::Digest;
 use crate::store::Catalogue;
@@ -40,12 +40,26 @@ pub(super) async fn unpin(control: &Control, references: &[String]) -> Result<Va
 
 async fn change(control: &Control, text: &str, pin: bool) -> Result<Value, ControlError> {
     let matched = matches(control, text)?;
+    let (digests, changed) = pin_resolved(control, &matched.manifests, pin).await?;
+    Ok(json!({
+        "tags": matched.tags.iter().map(tag_name).collect::<Vec<_>>(),
+        "digests": digests.iter().map(Digest::to_string).collect::<Vec<_>>(),
+        "changed": changed,
+        "pinned_bytes": control.mirror().store().pinned_bytes(),
+        RESOLVED: resolved(&[], &matched.manifests),
+    }))
+}
+
+/// Pins (or unpins) manifests and everything they reach in this replica's catalogue; answers
+/// those digests and how many changed.
+pub(super) async fn pin_resolved(
+    control: &Control,
+    manifests: &[Digest],
+    pin: bool,
+) -> Result<(Vec<Digest>, usize), ControlError> {
     let store = std::sync::Arc::clone(control.mirror().store());
-    let digests: Vec<Digest> = closure(store.catalogue(), &matched.manifests)
-        .into_iter()
-        .collect();
+    let digests: Vec<Digest> = closure(store.catalogue(), manifests).into_iter().collect();
     let changed = {
-        let store = std::sync::Arc::clone(&store);
         let digests = digests.clone();
         tokio::task::spawn_blocking(move || {
             if pin {
@@ -58,10 +72,5 @@ async fn change(control: &Control, text: &str, pin: bool) -> Result<Value, Contr
         .map_err(|error| ControlError::Upstream(format!("the pin task failed: {error}")))?
         .map_err(|error| ControlError::Upstream(format!("writing the pins: {error}")))?
     };
-    Ok(json!({
-        "tags": matched.tags.iter().map(tag_name).collect::<Vec<_>>(),
-        "digests": digests.iter().map(Digest::to_string).collect::<Vec<_>>(),
-        "changed": changed,
-        "pinned_bytes": store.pinned_bytes(),
-    }))
+    Ok((digests, changed))
 }

@@ -154,25 +154,8 @@ pub(super) async fn purge(control: &Control, references: &[String]) -> Result<Va
 
 async fn purge_one(control: &Control, text: &str) -> Result<Value, ControlError> {
     let matched = matches(control, text)?;
-    let mirror = control.mirror();
-    let catalogue = mirror.store().catalogue();
-    for tag in &matched.tags {
-        catalogue.forget_tag(&tag.registry, &tag.repository, &tag.tag);
-        mirror
-            .forget_tag(&tag.registry, &tag.repository, &tag.tag)
-            .await;
-    }
-    // A manifest another tag still points at stays; only the purged tags let go of it.
-    let roots: BTreeSet<Digest> = matched
-        .manifests
-        .into_iter()
-        .filter(|digest| matched.tags.is_empty() || catalogue.tags_pointing_at(digest).is_empty())
-        .collect();
-    let roots: Vec<Digest> = roots.into_iter().collect();
-    let purged = mirror
-        .store()
-        .purge(&roots, control.object_tier.as_deref())
-        .await;
+    let tags: Vec<TagKey> = matched.tags.iter().map(tag_key).collect();
+    let purged = purge_resolved(control, &tags, matched.manifests.clone(), TagScope::Shared).await;
     Ok(json!({
         "tags": matched.tags.iter().map(tag_name).collect::<Vec<_>>(),
         "manifests": purged.manifests.iter().map(Digest::to_string).collect::<Vec<_>>(),
@@ -180,5 +163,67 @@ async fn purge_one(control: &Control, text: &str) -> Result<Value, ControlError>
         "bytes": purged.bytes,
         "shared": purged.shared.len(),
         "object_tier_errors": purged.tier_errors,
+        RESOLVED: resolved(&tags, &matched.manifests),
     }))
+}
+
+/// A tag as (registry, repository, tag), the way the catalogue and the tag cache key it.
+pub(super) type TagKey = (String, String, String);
+
+pub(super) fn tag_key(tag: &TagRecord) -> TagKey {
+    (
+        tag.registry.clone(),
+        tag.repository.clone(),
+        tag.tag.clone(),
+    )
+}
+
+/// The key of a change's answer that carries what its reference resolved to here, for the
+/// announcement to the other replicas (which may not know the tag: a tag learned through Redis
+/// is not in their catalogue); removed from the answer before it is sent.
+pub(super) const RESOLVED: &str = "resolved";
+
+pub(super) fn resolved(tags: &[TagKey], manifests: &[Digest]) -> Value {
+    json!({
+        "tags": tags,
+        "manifests": manifests.iter().map(Digest::to_string).collect::<Vec<_>>(),
+    })
+}
+
+/// Which tag caches a purge clears: all of them (Redis too) on the replica asked, this one's
+/// memory only on a replica applying another's purge (Redis was cleared there).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum TagScope {
+    Shared,
+    Local,
+}
+
+/// Purges resolved tags and manifests: the tags leave the catalogue and the tag cache, the
+/// manifests (those no other tag still points at, when tags were named) and their unshared
+/// blobs leave every tier.
+pub(super) async fn purge_resolved(
+    control: &Control,
+    tags: &[TagKey],
+    manifests: Vec<Digest>,
+    scope: TagScope,
+) -> crate::store::Purged {
+    let mirror = control.mirror();
+    let catalogue = mirror.store().catalogue();
+    for (registry, repository, tag) in tags {
+        catalogue.forget_tag(registry, repository, tag);
+        match scope {
+            TagScope::Shared => mirror.forget_tag(registry, repository, tag).await,
+            TagScope::Local => mirror.forget_tag_locally(registry, repository, tag),
+        }
+    }
+    // A manifest another tag still points at stays; only the purged tags let go of it.
+    let roots: BTreeSet<Digest> = manifests
+        .into_iter()
+        .filter(|digest| tags.is_empty() || catalogue.tags_pointing_at(digest).is_empty())
+        .collect();
+    let roots: Vec<Digest> = roots.into_iter().collect();
+    mirror
+        .store()
+        .purge(&roots, control.object_tier.as_deref())
+        .await
 }

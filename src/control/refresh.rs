@@ -3,9 +3,10 @@
 
 use serde_json::{json, Value};
 
-use super::purge::for_each;
+use super::purge::{for_each, resolved, TagKey, RESOLVED};
 use super::{Control, ControlError};
-use crate::oci::Reference;
+use crate::mirror::Target;
+use crate::oci::{Reference, Tag};
 
 /// `POST /api/v1/refresh`.
 pub(super) async fn refresh(
@@ -15,13 +16,29 @@ pub(super) async fn refresh(
     for_each(references, |text| refresh_one(control, text)).await
 }
 
-async fn refresh_one(control: &Control, text: &str) -> Result<Value, ControlError> {
+/// Another replica refreshed these tags and wrote the answers to Redis: drop them from this
+/// replica's memory, so its next request for each reads Redis.
+pub(super) fn forget_locally(control: &Control, tags: &[TagKey]) {
+    for (registry, repository, tag) in tags {
+        control
+            .mirror()
+            .forget_tag_locally(registry, repository, tag);
+    }
+}
+
+/// The tag `text` names; a digest is refused (its content cannot change).
+fn tag_of(control: &Control, text: &str) -> Result<(Target, Tag), ControlError> {
     let (target, reference) = control.resolve_image(text)?;
-    let Reference::Tag(tag) = reference else {
-        return Err(ControlError::BadRequest(format!(
+    match reference {
+        Reference::Tag(tag) => Ok((target, tag)),
+        Reference::Digest(_) => Err(ControlError::BadRequest(format!(
             "`{text}` names a digest: its content cannot change, only a tag can be refreshed"
-        )));
-    };
+        ))),
+    }
+}
+
+async fn refresh_one(control: &Control, text: &str) -> Result<Value, ControlError> {
+    let (target, tag) = tag_of(control, text)?;
     let registry = target.registry.upstream.name().to_owned();
     let catalogue = control.mirror().store().catalogue();
     let before = catalogue
@@ -49,5 +66,6 @@ async fn refresh_one(control: &Control, text: &str) -> Result<Value, ControlErro
         "before": before,
         "after": after.to_string(),
         "changed": changed,
+        RESOLVED: resolved(&[(registry.clone(), target.repo.to_string(), tag.to_string())], &[]),
     }))
 }

@@ -149,6 +149,8 @@ pub async fn serve(app: App) -> Result<Running, StartError> {
             shutdown_rx.clone(),
         )));
     }
+    // Other replicas' purges, pins and refreshes apply here whether or not this one has an admin listener.
+    tasks.extend(control.follow_events(&config.storage.path, shutdown_rx.clone()));
     if let Some(admin_listener) = admin_listener {
         tasks.push(control.sample_history(shutdown_rx.clone()));
         let admin = admin::Admin::new(Arc::clone(&mirror), Arc::clone(&metrics), control)
