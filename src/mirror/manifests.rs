@@ -106,11 +106,22 @@ impl Mirror {
     ) -> Result<Manifest, MirrorError> {
         let upstream = &target.registry.upstream;
         let key = Tags::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
-        let cached = match self.tags.get(&key).await {
-            Some(entry) => self
-                .stored_for_tag(&entry)
-                .await
-                .map(|manifest| (entry, manifest)),
+        let cached = match self.tags.lookup(&key).await {
+            Some((entry, from_redis)) => {
+                let manifest = self.stored_for_tag(&entry).await;
+                if let (true, Some(manifest)) = (from_redis, &manifest) {
+                    // Learned from another replica: this one's catalogue (its `gantry ls`, purge
+                    // and pin) names the tag too.
+                    self.store.catalogue().record_tag(
+                        upstream.name(),
+                        target.repo.as_str(),
+                        tag,
+                        &manifest.digest,
+                        &manifest.media_type,
+                    );
+                }
+                manifest.map(|manifest| (entry, manifest))
+            }
             None => None,
         };
         if let Some((entry, manifest)) = &cached {

@@ -172,14 +172,20 @@ impl Tags {
     }
 
     pub async fn get(&self, key: &str) -> Option<TagEntry> {
+        self.lookup(key).await.map(|(entry, _)| entry)
+    }
+
+    /// [`Tags::get`], also telling whether the entry came from Redis (another replica learned
+    /// it), so the caller can record what this replica has not seen itself.
+    pub async fn lookup(&self, key: &str) -> Option<(TagEntry, bool)> {
         if let Ok(Some(entry)) = self.memory.get(key).await {
-            return Some(entry);
+            return Some((entry, false));
         }
         let shared = self.shared.as_ref()?;
         match shared.get(key).await {
             Ok(Some(entry)) => {
                 let _ = self.memory.put(key, &entry).await;
-                Some(entry)
+                Some((entry, true))
             }
             Ok(None) => None,
             Err(error) => {
