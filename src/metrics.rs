@@ -115,6 +115,9 @@ pub struct Metrics {
     pub cluster_lease_renew_failures: IntCounter,
     /// Manifest requests answered 404 from the negative cache, by kind (`tag`, `digest`).
     pub negative_cache_hits: IntCounterVec,
+    /// See [`ControlEventMetrics`].
+    control_announce_failures: IntCounter,
+    control_events_applied: IntCounterVec,
     /// See [`ResumeMetrics`].
     download_resumes: IntCounterVec,
     download_refetched_bytes: IntCounter,
@@ -301,6 +304,15 @@ impl Metrics {
                 "gantry_negative_cache_hits_total",
                 "Manifest requests answered 404 from the negative cache (mirroring.negative_ttl) without asking the upstream, by kind (tag, digest).",
                 &["kind"],
+            ),
+            control_announce_failures: counter(
+                "gantry_control_announce_failures_total",
+                "Purges, pins, unpins and refreshes applied here whose announcement to the other replicas failed.",
+            ),
+            control_events_applied: counter_vec(
+                "gantry_control_events_applied_total",
+                "Purges, pins, unpins and refreshes announced by another replica and applied here, by action.",
+                &["action"],
             ),
             download_resumes: counter_vec(
                 "gantry_download_resumes_total",
@@ -528,28 +540,11 @@ pub struct ControlEventMetrics {
 }
 
 impl Metrics {
-    /// Registers the control-plane event metrics; called once, by the control plane.
+    /// The control-plane event series, for the control plane's announcer and subscriber.
     pub fn control_events(&self) -> ControlEventMetrics {
-        let announce_failures = IntCounter::new(
-            "gantry_control_announce_failures_total",
-            "Purges, pins, unpins and refreshes applied here whose announcement to the other replicas failed.",
-        )
-        .expect("a valid metric");
-        let applied = IntCounterVec::new(
-            Opts::new(
-                "gantry_control_events_applied_total",
-                "Purges, pins, unpins and refreshes announced by another replica and applied here, by action.",
-            ),
-            &["action"],
-        )
-        .expect("a valid metric");
-        // A second registration (a second control plane over these metrics) keeps counting
-        // unexported rather than failing.
-        let _ = self.registry.register(Box::new(announce_failures.clone()));
-        let _ = self.registry.register(Box::new(applied.clone()));
         ControlEventMetrics {
-            announce_failures,
-            applied,
+            announce_failures: self.control_announce_failures.clone(),
+            applied: self.control_events_applied.clone(),
         }
     }
 }
