@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::control::Operated;
+use common::control::{store_files as files, Operated};
 use common::metrics::sample;
 use common::redis::RedisServer;
 use common::{http_get, pull, require_tools, wait_until, Fixture, Options, ACCEPT_ALL};
@@ -18,23 +18,6 @@ use tempfile::TempDir;
 
 /// How long a change may take to reach the other replica (it polls every 500 ms).
 const PROPAGATION: Duration = Duration::from_secs(10);
-
-/// Every file under the store's `blobs/` or `manifests/` (a digest's hex each).
-fn files(store: &Path, kind: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(algorithms) = std::fs::read_dir(store.join(kind)) else {
-        return found;
-    };
-    for algorithm in algorithms.flatten() {
-        for prefix in std::fs::read_dir(algorithm.path()).unwrap().flatten() {
-            for entry in std::fs::read_dir(prefix.path()).unwrap().flatten() {
-                found.push(entry.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    found.sort();
-    found
-}
 
 fn hex(digest: &str) -> String {
     digest.trim_start_matches("sha256:").to_owned()

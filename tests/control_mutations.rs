@@ -4,28 +4,9 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::control::gantry_ctl;
+use common::control::{gantry_ctl, store_files as files};
 use common::images::Layout;
 use common::{pull, push, Fixture, Gantry, Options};
-
-/// Every file under the store's `blobs/` or `manifests/` (a digest's hex each).
-fn files(store: &Path, kind: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(algorithms) = std::fs::read_dir(store.join(kind)) else {
-        return found;
-    };
-    for algorithm in algorithms.flatten() {
-        for prefix in std::fs::read_dir(algorithm.path()).unwrap().flatten() {
-            for entry in std::fs::read_dir(prefix.path()).unwrap().flatten() {
-                found.push(entry.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    found.sort();
-    found
-}
 
 fn admin(gantry: &Gantry) -> String {
     gantry.admin_url("")

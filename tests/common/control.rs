@@ -111,3 +111,20 @@ impl Ctl {
         format!("{}{}", self.stdout, self.stderr)
     }
 }
+
+/// Every file under the store's `blobs/` or `manifests/` (a digest's hex each).
+pub fn store_files(store: &Path, kind: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(algorithms) = std::fs::read_dir(store.join(kind)) else {
+        return found;
+    };
+    for algorithm in algorithms.flatten() {
+        for prefix in std::fs::read_dir(algorithm.path()).unwrap().flatten() {
+            for entry in std::fs::read_dir(prefix.path()).unwrap().flatten() {
+                found.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found.sort();
+    found
+}
