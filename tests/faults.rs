@@ -16,9 +16,10 @@ use common::fake::{Ending, Fake, Scripted};
 use common::metrics::{sample, value};
 use common::process::GantryProcess;
 use common::raw_fake::{Gate, Raw, RawFake};
-use common::{blob_path, dir_is_empty, http_get, skip_unless, wait_until, Gantry, Options};
+use common::{
+    blob_path, dir_is_empty, http_get, skip_unless, stream_into, wait_until, Gantry, Options,
+};
 use http::StatusCode;
-use http_body_util::BodyExt;
 use sha2::Digest as _;
 
 fn blob(size: usize, seed: u8) -> (Bytes, String) {
@@ -390,25 +391,6 @@ async fn a_full_disk_fails_the_download_and_keeps_what_was_committed() {
     // What was committed before is still served, byte for byte.
     assert_eq!(http_get(&small_url, &[]).await.unwrap().body, small);
     drop(gantry);
-}
-
-/// Streams a response body, adding each frame's length to `received` as it arrives.
-async fn stream_into(url: String, received: Arc<AtomicU64>) -> Result<(StatusCode, Bytes), String> {
-    let response = common::client()
-        .get(url.parse().unwrap())
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let mut body = response.into_body();
-    let mut bytes = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
-        if let Ok(data) = frame.into_data() {
-            received.fetch_add(data.len() as u64, Ordering::SeqCst);
-            bytes.extend_from_slice(&data);
-        }
-    }
-    Ok((status, Bytes::from(bytes)))
 }
 
 /// Clients get a blob's last bytes once it is verified, not once it is durable: a commit that

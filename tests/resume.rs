@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::metrics::{sample, value};
-use common::{blob_path, dir_is_empty, http_get, wait_until, Gantry, Options};
+use common::{blob_path, dir_is_empty, http_get, stream_into, wait_until, Gantry, Options};
 use http::StatusCode;
-use http_body_util::BodyExt;
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -242,25 +241,6 @@ async fn serve(
     }
     let _ = stream.flush().await;
     let _ = stream.shutdown().await;
-}
-
-/// Streams a response body, adding each frame's length to `received` as it arrives.
-async fn stream_into(url: String, received: Arc<AtomicU64>) -> Result<(StatusCode, Bytes), String> {
-    let response = common::client()
-        .get(url.parse().unwrap())
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let mut body = response.into_body();
-    let mut bytes = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
-        if let Ok(data) = frame.into_data() {
-            received.fetch_add(data.len() as u64, Ordering::SeqCst);
-            bytes.extend_from_slice(&data);
-        }
-    }
-    Ok((status, Bytes::from(bytes)))
 }
 
 /// Two clients on one flight: the first starts the download, whose first answer is held at

@@ -383,3 +383,25 @@ impl Fixture {
         }
     }
 }
+
+/// Streams a response body, adding each frame's length to `received` as it arrives.
+pub async fn stream_into(
+    url: String,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(StatusCode, Bytes), String> {
+    let response = client()
+        .get(url.parse().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            received.fetch_add(data.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok((status, Bytes::from(bytes)))
+}
