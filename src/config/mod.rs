@@ -5,6 +5,7 @@
 
 mod cluster;
 mod object_tier;
+mod tag_rules;
 mod values;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cluster::ClusterConfig;
 pub use object_tier::{ObjectTierConfig, DEFAULT_MAX_UPLOADS};
+pub use tag_rules::{tag_ttl, TagRule, TagTtl};
 pub use values::{substitute_env, BaseUrl, ByteSize, ListenAddr, Network, Seconds, Secret, Text};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -117,6 +119,9 @@ pub struct Mirroring {
     /// Accepted for compatibility; the token realm comes from `WWW-Authenticate`.
     pub source_index: Option<BaseUrl>,
     pub tags_cache_ttl: Seconds,
+    /// Per-tag TTLs, tried in order (first match wins); tags no rule matches live
+    /// `tags_cache_ttl`.
+    pub tag_rules: Vec<TagRule>,
     /// How long an upstream 404 for a tag or manifest is answered without asking again (0: off).
     pub negative_ttl: Seconds,
     pub username: Option<Text>,
@@ -163,6 +168,9 @@ pub struct Registry {
     /// Overrides `mirroring.tags_cache_ttl` for this registry.
     #[serde(default)]
     pub tags_cache_ttl: Option<Seconds>,
+    /// Replaces `mirroring.tag_rules` for this registry when set (`[]`: no rules here).
+    #[serde(default)]
+    pub tag_rules: Option<Vec<TagRule>>,
     /// Overrides `mirroring.negative_ttl` for this registry.
     #[serde(default)]
     pub negative_ttl: Option<Seconds>,
@@ -422,6 +430,7 @@ impl Default for Mirroring {
             source: BaseUrl(http::Uri::from_static("https://registry-1.docker.io")),
             source_index: None,
             tags_cache_ttl: Seconds(std::time::Duration::from_secs(600)),
+            tag_rules: Vec::new(),
             negative_ttl: Seconds(std::time::Duration::from_secs(30)),
             username: None,
             password: None,
@@ -539,6 +548,11 @@ impl Config {
         }
         let client_auth = self.auth.is_some();
         self.mirroring.access().problems(&mut problems, client_auth);
+        tag_rules::problems(
+            "mirroring.tag_rules",
+            &self.mirroring.tag_rules,
+            &mut problems,
+        );
         if let Some(redis) = &self.cache.redis {
             if !(redis.expose().starts_with("redis://") || redis.expose().starts_with("rediss://"))
             {
@@ -557,6 +571,9 @@ impl Config {
                 problems.push(format!("registries[{i}].host: `{host}` is listed twice"));
             }
             registry.access(i).problems(&mut problems, client_auth);
+            if let Some(rules) = &registry.tag_rules {
+                tag_rules::problems(&format!("registries[{i}].tag_rules"), rules, &mut problems);
+            }
         }
         if let Some(tls) = &self.tls {
             for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {

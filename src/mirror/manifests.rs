@@ -6,14 +6,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_TYPE};
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, Method, StatusCode};
 
 use super::scope::MAX_LINKS_PER_MANIFEST;
 use super::send::{repository_request, send_ok, upstream_failure};
 use super::{Mirror, MirrorError, Target};
 use crate::oci::manifest::{encode_stored, split_stored, ManifestDoc};
-use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference, MANIFEST_TYPES};
+use crate::oci::{AcceptSet, Digest, ErrorCode, OciError, Reference};
 use crate::store::StoredManifest;
 use crate::tags::{Negatives, TagEntry, Tags};
 use crate::upstream::{UpstreamError, UpstreamRequest};
@@ -98,6 +98,10 @@ impl Mirror {
         Ok(fetched)
     }
 
+    /// A tag for a client accepting `accept`. Its shared entry answers when the client names the
+    /// type it holds (or, for a client taking every index and manifest type, when there is none
+    /// yet): one upstream request per tag per TTL, whatever the mix of clients. A client the
+    /// shared entry does not suit goes upstream with its own Accept, under its own key.
     async fn manifest_by_tag(
         &self,
         target: &Target,
@@ -105,31 +109,68 @@ impl Mirror {
         accept: AcceptSet,
     ) -> Result<Manifest, MirrorError> {
         let upstream = &target.registry.upstream;
-        let key = Tags::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
-        let cached = match self.tags.lookup(&key).await {
-            Some((entry, from_redis)) => {
-                let manifest = self.stored_for_tag(&entry).await;
-                if let (true, Some(manifest)) = (from_redis, &manifest) {
-                    // Learned from another replica: this one's catalogue (its `gantry ls`, purge
-                    // and pin) names the tag too.
-                    self.store.catalogue().record_tag(
-                        upstream.name(),
-                        target.repo.as_str(),
-                        tag,
-                        &manifest.digest,
-                        &manifest.media_type,
-                    );
-                }
-                manifest.map(|manifest| (entry, manifest))
-            }
-            None => None,
+        let shared_key = Tags::shared_key(upstream.name(), target.repo.as_str(), tag);
+        let shared = self.cached_tag(target, tag, &shared_key).await;
+        let suits = match &shared {
+            Some((_, manifest)) => accept.names(&manifest.media_type),
+            None => accept.is_full(),
         };
+        if suits {
+            match self
+                .tag_through(target, tag, AcceptSet::every(), shared_key, shared)
+                .await
+            {
+                // The tag now names a type this client excludes (it moved, or the upstream
+                // answered the canonical Accept with schema 1): it asks for itself below.
+                Ok(manifest) if !accept.names(&manifest.media_type) => {}
+                answer => return answer,
+            }
+        }
+        let key = Tags::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
+        let cached = self.cached_tag(target, tag, &key).await;
+        self.tag_through(target, tag, accept, key, cached).await
+    }
+
+    /// What the tag cache holds under `key`, with the manifest it names.
+    async fn cached_tag(
+        &self,
+        target: &Target,
+        tag: &str,
+        key: &str,
+    ) -> Option<(TagEntry, Manifest)> {
+        let (entry, from_redis) = self.tags.lookup(key).await?;
+        let manifest = self.stored_for_tag(&entry).await?;
+        if from_redis {
+            // Learned from another replica: this one's catalogue (its `gantry ls`, purge and
+            // pin) names the tag too.
+            self.store.catalogue().record_tag(
+                target.registry.upstream.name(),
+                target.repo.as_str(),
+                tag,
+                &manifest.digest,
+                &manifest.media_type,
+            );
+        }
+        Some((entry, manifest))
+    }
+
+    /// The cached answer under `key` inside the tag's TTL, else the upstream's (asked with
+    /// `accept`), or the cached one served stale when the upstream fails.
+    async fn tag_through(
+        &self,
+        target: &Target,
+        tag: &str,
+        accept: AcceptSet,
+        key: String,
+        cached: Option<(TagEntry, Manifest)>,
+    ) -> Result<Manifest, MirrorError> {
         if let Some((entry, manifest)) = &cached {
-            if entry.age() < target.registry.tags_ttl {
+            if target.registry.tag_ttl(tag).fresh(entry.age()) {
                 self.metrics.cache_lookup("tag", "hit");
                 return Ok(manifest.clone());
             }
         }
+        let upstream = &target.registry.upstream;
         let negative = Negatives::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
         if let Some(not_found) = self.negative_hit(target, &negative, "tag") {
             return Err(not_found);
@@ -209,14 +250,15 @@ impl Mirror {
             .remove(&Negatives::keys_of_tag(registry, repository, tag));
     }
 
-    /// Revalidates a tag with the upstream now, whatever its TTL, and updates the caches as an
-    /// expired entry's revalidation does; returns the digest it names for a client accepting
-    /// every manifest type. An upstream failure is an error here, never a stale answer (the
-    /// operator asked for the upstream's word); an upstream 404 also drops the tag's cache.
+    /// Revalidates a tag's shared entry with the upstream now, whatever its TTL (`forever`
+    /// included), and updates the caches as an expired entry's revalidation does; returns the
+    /// digest it names for a client accepting every manifest type. An upstream failure is an
+    /// error here, never a stale answer (the operator asked for the upstream's word); an
+    /// upstream 404 also drops the tag's cache.
     pub async fn refresh_tag_now(&self, target: &Target, tag: &str) -> Result<Digest, MirrorError> {
-        let accept = every_manifest_type();
+        let accept = AcceptSet::every();
         let registry = target.registry.upstream.name();
-        let key = Tags::key(registry, target.repo.as_str(), tag, &accept.key());
+        let key = Tags::shared_key(registry, target.repo.as_str(), tag);
         let cached = match self.tags.get(&key).await {
             Some(entry) => self
                 .stored_for_tag(&entry)
@@ -566,15 +608,6 @@ impl Stale {
     fn allowed(self, error: &MirrorError) -> bool {
         matches!(self, Self::Serve) && error.serves_stale()
     }
-}
-
-/// The Accept set of a client taking every manifest type gantry knows.
-fn every_manifest_type() -> AcceptSet {
-    let mut headers = HeaderMap::new();
-    for media_type in MANIFEST_TYPES {
-        headers.append(ACCEPT, HeaderValue::from_static(media_type));
-    }
-    AcceptSet::from_headers(&headers)
 }
 
 /// The upstream's "no such manifest": a 404, whatever its OCI code (`MANIFEST_UNKNOWN`,

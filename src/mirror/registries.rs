@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::MirrorError;
-use crate::config::{BaseUrl, Config, UpstreamAccess};
+use crate::config::{BaseUrl, Config, TagRule, TagTtl, UpstreamAccess};
 use crate::oci::host;
 use crate::oci::{ErrorCode, OciError, RepoName};
 use crate::upstream::{AddressPolicy, CredentialError, CredentialSource, Pool, Upstream};
@@ -20,6 +20,8 @@ const MAX_ANY_REGISTRIES: usize = 1_000;
 pub struct Registry {
     pub upstream: Arc<Upstream>,
     pub tags_ttl: Duration,
+    /// Per-tag TTLs before `tags_ttl` (the registry's `tag_rules`, else `mirroring.tag_rules`).
+    pub tag_rules: Arc<[TagRule]>,
     /// Docker Hub puts single-component names under `library/`.
     pub docker_hub: bool,
 }
@@ -43,6 +45,7 @@ pub(super) struct Registries {
 struct AnyRegistry {
     pool: Pool,
     tags_ttl: Duration,
+    tag_rules: Arc<[TagRule]>,
     seen: Mutex<HashMap<String, Arc<Registry>>>,
 }
 
@@ -51,6 +54,7 @@ impl Registry {
         name: String,
         access: &UpstreamAccess<'_>,
         tags_ttl: Duration,
+        tag_rules: Arc<[TagRule]>,
         pool: &Pool,
     ) -> Result<Self, CredentialError> {
         let docker_hub = is_docker_hub(access.url);
@@ -69,8 +73,15 @@ impl Registry {
                 pool.clone(),
             )),
             tags_ttl,
+            tag_rules,
             docker_hub,
         })
+    }
+
+    /// How long a cached `tag` is answered without asking the upstream: the first of the
+    /// registry's tag rules that matches it, else `tags_ttl`.
+    pub fn tag_ttl(&self, tag: &str) -> TagTtl {
+        crate::config::tag_ttl(&self.tag_rules, tag, self.tags_ttl)
     }
 }
 
@@ -82,10 +93,12 @@ impl Registries {
         } else {
             source.authority().to_owned()
         };
+        let global_rules: Arc<[TagRule]> = config.mirroring.tag_rules.clone().into();
         let default = Arc::new(Registry::new(
             default_name.clone(),
             &config.mirroring.access(),
             config.mirroring.tags_cache_ttl.0,
+            Arc::clone(&global_rules),
             pool,
         )?);
         // `mirroring.source` is what this mirror serves as Docker Hub (dockerd's `registry-mirrors`
@@ -102,7 +115,11 @@ impl Registries {
                 .tags_cache_ttl
                 .unwrap_or(config.mirroring.tags_cache_ttl)
                 .0;
-            let registry = Registry::new(host.clone(), &entry.access(index), ttl, pool)?;
+            let rules = entry
+                .tag_rules
+                .as_ref()
+                .map_or_else(|| Arc::clone(&global_rules), |rules| rules.clone().into());
+            let registry = Registry::new(host.clone(), &entry.access(index), ttl, rules, pool)?;
             by_host.insert(host, Arc::new(registry));
         }
         Ok(Self {
@@ -114,6 +131,7 @@ impl Registries {
                     allowed: config.allow_any_registry_networks.clone(),
                 }),
                 tags_ttl: config.mirroring.tags_cache_ttl.0,
+                tag_rules: Arc::clone(&global_rules),
                 seen: Mutex::new(HashMap::new()),
             }),
         })
@@ -183,6 +201,7 @@ impl Registries {
                 any.pool.clone(),
             )),
             tags_ttl: any.tags_ttl,
+            tag_rules: Arc::clone(&any.tag_rules),
             docker_hub: is_docker_hub(&url),
         });
         seen.insert(host, Arc::clone(&registry));

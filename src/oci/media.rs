@@ -1,8 +1,11 @@
 //! Manifest media types and the `Accept` negotiation around them.
 //!
 //! The same tag can name different bytes depending on what a client accepts (an index for a
-//! client that takes indexes, one platform's manifest for one that does not), so the set of
-//! manifest types a client accepts is part of every tag-cache key.
+//! client that takes indexes, one platform's manifest for one that does not). Clients that take
+//! every index and image manifest type (dockerd, containerd, skopeo, podman) get the same answer
+//! from an upstream, so they share one tag-cache entry ([`AcceptSet::is_full`], fetched with
+//! [`AcceptSet::every`]); a narrower client is answered from it when it accepts what it holds,
+//! else under a key of its own Accept set.
 
 use http::HeaderMap;
 
@@ -30,6 +33,10 @@ impl MediaType {
         "application/vnd.docker.distribution.manifest.v1+prettyjws";
 }
 
+/// The bits of the index and image manifest types, OCI and docker schema 2: a client naming all
+/// four is answered by an upstream as any other such client is, whatever else it names.
+const FULL: u8 = 0b1111;
+
 /// Which known manifest media types a request's `Accept` headers name (parameters such as `q=`
 /// are ignored, as distribution ignores them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -53,6 +60,19 @@ impl AcceptSet {
         Self(bits)
     }
 
+    /// Every manifest type gantry knows, named in [`MANIFEST_TYPES`] order by
+    /// [`Self::header_value`]: what gantry asks the upstream for on behalf of the clients
+    /// sharing a tag entry, so the answer does not depend on which of them came first.
+    pub fn every() -> Self {
+        Self((1 << MANIFEST_TYPES.len()) - 1)
+    }
+
+    /// Whether this client takes every index and image manifest type (schema 1 types and `*/*`
+    /// aside, which clients add or leave out without changing what an upstream answers them).
+    pub fn is_full(self) -> bool {
+        self.0 & FULL == FULL
+    }
+
     /// Whether a manifest of `media_type` may be served to this client. A client that names no
     /// manifest type at all is served what is stored, as registries do for manifests by digest.
     pub fn accepts(self, media_type: &str) -> bool {
@@ -63,6 +83,13 @@ impl AcceptSet {
             .iter()
             .position(|t| *t == media_type)
             .is_some_and(|index| self.0 & (1 << index) != 0)
+    }
+
+    /// Whether this client names `media_type` itself. A tag's shared entry answers only such
+    /// clients: one naming no manifest type (`*/*`) gets from an upstream what it answers that
+    /// client (distribution: a 404 for an OCI index), which gantry does not guess.
+    pub fn names(self, media_type: &str) -> bool {
+        !self.is_empty() && self.accepts(media_type)
     }
 
     /// A short stable label for cache keys, e.g. `a3`.
@@ -115,10 +142,35 @@ mod tests {
     }
 
     #[test]
+    fn the_clients_that_take_every_index_and_manifest_type_are_full() {
+        let dockerd = headers(&[
+            MediaType::DOCKER_MANIFEST,
+            MediaType::DOCKER_LIST,
+            MediaType::OCI_INDEX,
+            MediaType::OCI_MANIFEST,
+        ]);
+        let containerd = headers(&["application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*"]);
+        let skopeo = headers(&["application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.v1+prettyjws, application/vnd.docker.distribution.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.index.v1+json"]);
+        for client in [dockerd, containerd, skopeo] {
+            assert!(AcceptSet::from_headers(&client).is_full(), "{client:?}");
+        }
+        let no_oci_index = headers(&[
+            MediaType::DOCKER_MANIFEST,
+            MediaType::DOCKER_LIST,
+            MediaType::OCI_MANIFEST,
+        ]);
+        assert!(!AcceptSet::from_headers(&no_oci_index).is_full());
+        assert!(!AcceptSet::default().is_full());
+        assert!(AcceptSet::every().is_full());
+        assert_eq!(AcceptSet::every().header_value(), MANIFEST_TYPES.join(", "));
+    }
+
+    #[test]
     fn no_known_type_accepts_anything_stored() {
         let set = AcceptSet::from_headers(&headers(&["*/*"]));
         assert!(set.is_empty());
         assert!(set.accepts(MediaType::OCI_INDEX));
+        assert!(!set.names(MediaType::OCI_INDEX));
         assert_ne!(
             set.key(),
             AcceptSet::from_headers(&headers(&[MediaType::OCI_INDEX])).key()

@@ -1,5 +1,9 @@
 //! The tag cache: tag → digest, in process (moka) and optionally shared across replicas (Redis).
 //!
+//! A tag has one shared entry for the clients that accept every index and manifest type (most
+//! of them: see [`AcceptSet::is_full`]), which any client accepting its media type is answered
+//! from, and entries per Accept set for the narrower clients it does not suit.
+//!
 //! Entries carry the time they were confirmed with the upstream; freshness against
 //! `tags_cache_ttl` is the mirror's decision, so an entry past its TTL is still here to be served
 //! stale when the upstream is down. A cache failure is only ever a miss.
@@ -25,6 +29,11 @@ const MEMORY_CAPACITY: u64 = 100_000;
 /// Manifests up to this size are shared through Redis with the tags that name them, so a tag
 /// cached by one replica is a complete answer on another. Larger ones are fetched by digest.
 pub const MAX_SHARED_MANIFEST: usize = 1 << 20;
+
+/// Tag keys are versioned: v1 keyed every client by its Accept set and knew no shared entry, so
+/// a v1 replica would neither find nor purge what a v2 one caches. Replicas of both versions on
+/// one Redis keep separate tag caches instead of misreading each other's.
+const KEY_PREFIX: &str = "gantry:tag:v2:";
 
 /// Every Accept set a client can send (each subset of [`MANIFEST_TYPES`]), built through the
 /// parser so the keys match the ones requests make.
@@ -152,21 +161,30 @@ impl Tags {
         }
     }
 
-    /// The key for a tag on a registry, for clients accepting a given set of manifest types.
+    /// The key for a tag on a registry, for clients accepting a given set of manifest types that
+    /// the tag's shared entry does not suit.
     pub fn key(registry: &str, repository: &str, tag: &str, accept: &str) -> String {
-        format!("gantry:tag:v1:{registry}/{repository}:{tag}:{accept}")
+        format!("{KEY_PREFIX}{registry}/{repository}:{tag}:{accept}")
+    }
+
+    /// The key of a tag's shared entry: the upstream's answer to [`AcceptSet::every`], served to
+    /// every client that accepts its media type.
+    pub fn shared_key(registry: &str, repository: &str, tag: &str) -> String {
+        format!("{KEY_PREFIX}{registry}/{repository}:{tag}:shared")
     }
 
     /// The key for a tag's latest answer to any client, the fallback during an outage.
     pub fn any_key(registry: &str, repository: &str, tag: &str) -> String {
-        format!("gantry:tag:v1:{registry}/{repository}:{tag}:any")
+        format!("{KEY_PREFIX}{registry}/{repository}:{tag}:any")
     }
 
-    /// Every key a tag can be cached under: each Accept set's, and the `any` fallback.
+    /// Every key a tag can be cached under: the shared entry's, each Accept set's, and the `any`
+    /// fallback.
     pub fn keys_of(registry: &str, repository: &str, tag: &str) -> Vec<String> {
-        let mut keys: Vec<String> = every_accept_set()
-            .map(|accept| Self::key(registry, repository, tag, &accept.key()))
-            .collect();
+        let mut keys = vec![Self::shared_key(registry, repository, tag)];
+        keys.extend(
+            every_accept_set().map(|accept| Self::key(registry, repository, tag, &accept.key())),
+        );
         keys.push(Self::any_key(registry, repository, tag));
         keys
     }
@@ -316,7 +334,8 @@ mod tests {
     #[test]
     fn keys_of_a_tag_cover_every_accept_set_a_request_can_make() {
         let keys = Tags::keys_of("docker.io", "library/alpine", "3.20");
-        assert_eq!(keys.len(), 65);
+        assert_eq!(keys.len(), 66);
+        assert!(keys.contains(&Tags::shared_key("docker.io", "library/alpine", "3.20")));
         let mut headers = http::HeaderMap::new();
         headers.append(
             http::header::ACCEPT,
@@ -337,10 +356,12 @@ mod tests {
         let keys = Tags::keys_of("docker.io", "library/alpine", "3.20");
         let entry = TagEntry::new("sha256:x".into(), "application/json".into());
         tags.put(&keys[3], &entry).await;
-        tags.put(&keys[64], &entry).await;
+        tags.put(&keys[65], &entry).await;
+        tags.put(&keys[0], &entry).await;
         tags.remove_locally(&keys);
         assert!(tags.get(&keys[3]).await.is_none());
-        assert!(tags.get(&keys[64]).await.is_none());
+        assert!(tags.get(&keys[65]).await.is_none());
+        assert!(tags.get(&keys[0]).await.is_none());
     }
 
     #[test]
@@ -353,5 +374,9 @@ mod tests {
             Tags::key("a.io", "x/y", "t", "a1"),
             Tags::key("a.io", "x/y", "t", "a2")
         );
+        let shared = Tags::shared_key("a.io", "x/y", "t");
+        assert!(!every_accept_set()
+            .any(|accept| Tags::key("a.io", "x/y", "t", &accept.key()) == shared));
+        assert_ne!(shared, Tags::any_key("a.io", "x/y", "t"));
     }
 }
