@@ -124,6 +124,10 @@ impl Mirror {
             }
             None => None,
         };
+        if upstream.is_offline() {
+            let cached = cached.map(|(_, manifest)| manifest);
+            return self.offline_tag(target, tag, accept, cached).await;
+        }
         if let Some((entry, manifest)) = &cached {
             if entry.age() < target.registry.tags_ttl {
                 self.metrics.cache_lookup("tag", "hit");
@@ -282,6 +286,13 @@ impl Mirror {
                 Err(error) => Err(error),
             };
         };
+        if matches!(stale, Stale::Serve) && self.spare_revalidation(target) {
+            self.metrics.cache_lookup("tag", "stale");
+            return Ok(Manifest {
+                stale: true,
+                ..manifest
+            });
+        }
         // Past the TTL: a HEAD (free against Docker Hub's pull limit) tells whether the tag moved.
         match self.head_manifest(target, tag, accept).await {
             Ok(Some(current)) if current == manifest.digest => {

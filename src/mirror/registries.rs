@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::MirrorError;
-use crate::config::{BaseUrl, Config, UpstreamAccess};
+use crate::config::{BaseUrl, Config, Reserve, UpstreamAccess};
 use crate::oci::host;
 use crate::oci::{ErrorCode, OciError, RepoName};
 use crate::upstream::{AddressPolicy, CredentialError, CredentialSource, Pool, Upstream};
@@ -22,6 +22,16 @@ pub struct Registry {
     pub tags_ttl: Duration,
     /// Docker Hub puts single-component names under `library/`.
     pub docker_hub: bool,
+    /// `rate_limit_reserve`: the announced remaining requests at which cached tags are no longer
+    /// revalidated (see `mirror::budget`). Whether the registry is `offline` is its upstream's.
+    pub rate_limit_reserve: Reserve,
+}
+
+/// A registry's `offline` and `rate_limit_reserve`, resolved against `mirroring`'s.
+#[derive(Clone, Copy)]
+struct Budget {
+    offline: bool,
+    reserve: Reserve,
 }
 
 /// A request's repository, resolved to the registry that serves it.
@@ -43,6 +53,7 @@ pub(super) struct Registries {
 struct AnyRegistry {
     pool: Pool,
     tags_ttl: Duration,
+    budget: Budget,
     seen: Mutex<HashMap<String, Arc<Registry>>>,
 }
 
@@ -51,6 +62,7 @@ impl Registry {
         name: String,
         access: &UpstreamAccess<'_>,
         tags_ttl: Duration,
+        budget: Budget,
         pool: &Pool,
     ) -> Result<Self, CredentialError> {
         let docker_hub = is_docker_hub(access.url);
@@ -61,15 +73,13 @@ impl Registry {
             .map(|r| (*r).to_owned())
             .collect();
         Ok(Self {
-            upstream: Arc::new(Upstream::new(
-                name,
-                access.url.clone(),
-                credentials,
-                realms,
-                pool.clone(),
-            )),
+            upstream: Arc::new(
+                Upstream::new(name, access.url.clone(), credentials, realms, pool.clone())
+                    .with_offline(budget.offline),
+            ),
             tags_ttl,
             docker_hub,
+            rate_limit_reserve: budget.reserve,
         })
     }
 }
@@ -82,10 +92,15 @@ impl Registries {
         } else {
             source.authority().to_owned()
         };
+        let budget = Budget {
+            offline: config.mirroring.offline,
+            reserve: config.mirroring.rate_limit_reserve,
+        };
         let default = Arc::new(Registry::new(
             default_name.clone(),
             &config.mirroring.access(),
             config.mirroring.tags_cache_ttl.0,
+            budget,
             pool,
         )?);
         // `mirroring.source` is what this mirror serves as Docker Hub (dockerd's `registry-mirrors`
@@ -102,7 +117,11 @@ impl Registries {
                 .tags_cache_ttl
                 .unwrap_or(config.mirroring.tags_cache_ttl)
                 .0;
-            let registry = Registry::new(host.clone(), &entry.access(index), ttl, pool)?;
+            let own = Budget {
+                offline: entry.offline.unwrap_or(budget.offline),
+                reserve: entry.rate_limit_reserve.unwrap_or(budget.reserve),
+            };
+            let registry = Registry::new(host.clone(), &entry.access(index), ttl, own, pool)?;
             by_host.insert(host, Arc::new(registry));
         }
         Ok(Self {
@@ -114,9 +133,16 @@ impl Registries {
                     allowed: config.allow_any_registry_networks.clone(),
                 }),
                 tags_ttl: config.mirroring.tags_cache_ttl.0,
+                budget,
                 seen: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Every configured registry (once per host name it is known by; registries created on
+    /// demand are not included).
+    pub(super) fn all(&self) -> impl Iterator<Item = &Arc<Registry>> {
+        std::iter::once(&self.default).chain(self.by_host.values())
     }
 
     /// Picks the registry for a request: containerd's `ns` parameter, else a first path component
@@ -175,15 +201,19 @@ impl Registries {
         }
         let url = BaseUrl::parse(&format!("https://{host}")).ok()?;
         let registry = Arc::new(Registry {
-            upstream: Arc::new(Upstream::new(
-                host.clone(),
-                url.clone(),
-                CredentialSource::None,
-                Vec::new(),
-                any.pool.clone(),
-            )),
+            upstream: Arc::new(
+                Upstream::new(
+                    host.clone(),
+                    url.clone(),
+                    CredentialSource::None,
+                    Vec::new(),
+                    any.pool.clone(),
+                )
+                .with_offline(any.budget.offline),
+            ),
             tags_ttl: any.tags_ttl,
             docker_hub: is_docker_hub(&url),
+            rate_limit_reserve: any.budget.reserve,
         });
         seen.insert(host, Arc::clone(&registry));
         Some(Ok(registry))
