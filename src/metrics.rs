@@ -115,6 +115,12 @@ pub struct Metrics {
     pub cluster_lease_renew_failures: IntCounter,
     /// Manifest requests answered 404 from the negative cache, by kind (`tag`, `digest`).
     pub negative_cache_hits: IntCounterVec,
+    /// Revalidations of cached tags past their TTL not sent because the upstream's remaining
+    /// rate limit was at `rate_limit_reserve` (served stale), by registry.
+    pub ratelimit_revalidations_skipped: IntCounterVec,
+    /// Manifest requests not sent because the upstream's 429 `Retry-After` had not passed
+    /// (cached tags served stale, the rest answered 429), by registry.
+    pub ratelimit_holdoff_refusals: IntCounterVec,
     /// See [`ControlEventMetrics`].
     control_announce_failures: IntCounter,
     control_events_applied: IntCounterVec,
@@ -304,6 +310,16 @@ impl Metrics {
                 "gantry_negative_cache_hits_total",
                 "Manifest requests answered 404 from the negative cache (mirroring.negative_ttl) without asking the upstream, by kind (tag, digest).",
                 &["kind"],
+            ),
+            ratelimit_revalidations_skipped: counter_vec(
+                "gantry_ratelimit_revalidations_skipped_total",
+                "Cached tags past their TTL served stale without a revalidation because the upstream's remaining rate limit was at mirroring.rate_limit_reserve, by registry.",
+                &["registry"],
+            ),
+            ratelimit_holdoff_refusals: counter_vec(
+                "gantry_ratelimit_holdoff_refusals_total",
+                "Manifest requests not sent to an upstream that answered 429 until its Retry-After passed (cached tags served stale, others answered 429), by registry.",
+                &["registry"],
             ),
             control_announce_failures: counter(
                 "gantry_control_announce_failures_total",

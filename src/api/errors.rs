@@ -10,6 +10,7 @@ use http::{HeaderValue, Response, StatusCode};
 use super::responses::{full, json_response, ResponseBody, JSON};
 use super::Route;
 use crate::access::Decision;
+use crate::mirror::offline::Kind as OfflineKind;
 use crate::mirror::MirrorError;
 use crate::oci::{ErrorCode, OciError};
 
@@ -101,6 +102,14 @@ pub fn error_response(error: &MirrorError, route: &Route) -> Response<ResponseBo
         MirrorError::Origin { origin, .. } => OciError::new(
             ErrorCode::Unavailable,
             format!("{origin} broke off and no other origin could take over; retry"),
+        ),
+        MirrorError::Offline { registry, kind, reference } => OciError::new(
+            match kind {
+                OfflineKind::Blob => ErrorCode::BlobUnknown,
+                OfflineKind::Manifest => ErrorCode::ManifestUnknown,
+                OfflineKind::TagList | OfflineKind::Other => unknown,
+            },
+            format!("this mirror is offline for {registry}: the {kind} {reference} is not cached; bring it in with `gantry import`"),
         ),
         MirrorError::Store(_) => OciError::new(ErrorCode::Unavailable, "the mirror's storage failed"),
         MirrorError::Internal(_) => OciError::new(ErrorCode::Unavailable, "the mirror failed; retry"),

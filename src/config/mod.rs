@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 pub use cluster::ClusterConfig;
 pub use object_tier::{ObjectTierConfig, DEFAULT_MAX_UPLOADS};
 pub use tag_rules::{tag_ttl, TagRule, TagTtl};
-pub use values::{substitute_env, BaseUrl, ByteSize, ListenAddr, Network, Seconds, Secret, Text};
+pub use values::{
+    substitute_env, BaseUrl, ByteSize, ListenAddr, Network, Reserve, Seconds, Secret, Text,
+};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -136,6 +138,11 @@ pub struct Mirroring {
     pub insecure: bool,
     /// Acknowledges that every client of the mirror may pull what the credentials can read.
     pub public: bool,
+    /// Never contact the upstream: answer from the cache alone, tags with no TTL (docs/offline.md).
+    pub offline: bool,
+    /// When the upstream's announced remaining requests fall to this, cached tags are not
+    /// revalidated, so what is left goes to tags nobody has cached.
+    pub rate_limit_reserve: Reserve,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -174,6 +181,12 @@ pub struct Registry {
     /// Overrides `mirroring.negative_ttl` for this registry.
     #[serde(default)]
     pub negative_ttl: Option<Seconds>,
+    /// Overrides `mirroring.offline` for this registry.
+    #[serde(default)]
+    pub offline: Option<bool>,
+    /// Overrides `mirroring.rate_limit_reserve` for this registry.
+    #[serde(default)]
+    pub rate_limit_reserve: Option<Reserve>,
 }
 
 /// How gantry reaches and authenticates to one upstream, the same for `mirroring` and each
@@ -439,6 +452,8 @@ impl Default for Mirroring {
             token_realms: Vec::new(),
             insecure: false,
             public: false,
+            offline: false,
+            rate_limit_reserve: Reserve::default(),
         }
     }
 }

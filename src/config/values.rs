@@ -521,3 +521,65 @@ mod tests {
         assert!(BaseUrl::parse("registry-1.docker.io").is_err());
     }
 }
+
+/// `rate_limit_reserve`: the part of an upstream's announced rate limit kept for tags nobody has
+/// cached, as a number of requests (`5`) or a share of the limit (`10%`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reserve {
+    Requests(u64),
+    Percent(u8),
+}
+
+impl Reserve {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let bad = || {
+            format!("`{text}` is not a reserve: write a number of requests (`5`) or a percentage (`10%`)")
+        };
+        match text.strip_suffix('%') {
+            Some(percent) => match percent.trim().parse::<u8>() {
+                Ok(p) if p <= 100 => Ok(Self::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => text.parse().map(Self::Requests).map_err(|_| bad()),
+        }
+    }
+
+    /// The reserve in requests for an announced `limit` (a share rounds up: 10% of 5 keeps 1).
+    pub fn of(self, limit: u64) -> u64 {
+        match self {
+            Self::Requests(n) => n,
+            Self::Percent(p) => (limit * u64::from(p)).div_ceil(100),
+        }
+    }
+}
+
+impl Default for Reserve {
+    fn default() -> Self {
+        Self::Percent(10)
+    }
+}
+
+impl fmt::Display for Reserve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Requests(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for Reserve {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Reserve {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Scalar::deserialize(deserializer)? {
+            Scalar::Number(n) => Ok(Self::Requests(n)),
+            Scalar::Text(text) => Self::parse(&text).map_err(de::Error::custom),
+        }
+    }
+}

@@ -390,19 +390,42 @@ fn registries(html: &mut String, stats: &Result<Value, String>) {
                 let errors = registry["upstream_errors"].as_u64().unwrap_or(0);
                 let _ = write!(
                 html,
-                "<tr class=\"registry\"><td class=\"name\">{}</td><td class=\"num\">{}</td>\
-                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num{}\">{errors}</td><td>{}</td></tr>",
+                "<tr class=\"registry\"><td class=\"name\">{}{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num{}\">{errors}</td><td>{}{}</td></tr>",
                 escape(registry["registry"].as_str().unwrap_or("")),
+                if registry["offline"].as_bool() == Some(true) {
+                    " <strong class=\"offline\">offline</strong>"
+                } else {
+                    ""
+                },
                 percent(&registry["hit_ratio"]),
                 human_size(registry["bytes_from_cache"].as_u64().unwrap_or(0)),
                 human_size(registry["bytes_from_upstream"].as_u64().unwrap_or(0)),
                 if errors > 0 { " bad" } else { "" },
                 rate_limit(&registry["rate_limit"]),
+                budget(&registry["budget"]),
             );
             }
             html.push_str("</table>");
         },
     );
+}
+
+/// What the rate-limit budget does now: nothing, sparing cached tags, or holding off after a 429.
+fn budget(budget: &Value) -> String {
+    if let Some(seconds) = budget["held_off_seconds"].as_u64() {
+        return format!(
+            "<br><span class=\"bad\">answered 429: manifest requests held off for {}</span>",
+            human_age(seconds)
+        );
+    }
+    if budget["at_reserve"].as_bool() == Some(true) {
+        return format!(
+            "<br><span class=\"bad\">at the reserve ({}): cached tags served without revalidation</span>",
+            escape(budget["reserve"].as_str().unwrap_or(""))
+        );
+    }
+    String::new()
 }
 
 fn rate_limit(limit: &Value) -> String {

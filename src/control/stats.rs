@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use serde_json::{json, Value};
 
 use super::{Control, ControlError};
+use crate::mirror::budget::at_reserve;
 use crate::upstream::ObservedRateLimit;
 
 /// The lookup kinds the hit ratio is over (listings pass through; they are not the cache's job).
@@ -78,18 +79,27 @@ fn registries(control: &Control) -> Vec<Value> {
     if let Ok(default) = control.mirror.resolve(None, "gantry") {
         names.insert(default.registry.upstream.name().to_owned());
     }
+    // An offline registry is listed before any pull: that it is offline is what to show.
+    names.extend(control.mirror.offline_registries());
     names
         .into_iter()
         .map(|name| {
             let counters = metrics.per_registry.of(&name);
             let (hits, misses) = (counters.hits.get(), counters.misses.get());
             // The registry's own upstream, as a pull naming it would resolve it.
-            let rate_limit = control
-                .mirror
-                .resolve(Some(&name), "gantry")
-                .ok()
-                .and_then(|target| target.registry.upstream.rate_limit())
+            let target = control.mirror.resolve(Some(&name), "gantry").ok();
+            let registry = target.as_ref().map(|target| &target.registry);
+            let rate_limit = registry
+                .and_then(|registry| registry.upstream.rate_limit())
                 .map(|observed| rate_limit_json(&observed));
+            let budget = registry.map(|registry| {
+                let upstream = &registry.upstream;
+                json!({
+                    "reserve": registry.rate_limit_reserve.to_string(),
+                    "at_reserve": at_reserve(upstream.rate_limit(), registry.rate_limit_reserve),
+                    "held_off_seconds": upstream.held_off_for().map(|left| left.as_secs().max(1)),
+                })
+            });
             json!({
                 "registry": name,
                 "hits": hits,
@@ -99,6 +109,8 @@ fn registries(control: &Control) -> Vec<Value> {
                 "bytes_from_upstream": counters.bytes_from_upstream.get(),
                 "upstream_errors": errors.get(&name).copied().unwrap_or(0),
                 "rate_limit": rate_limit,
+                "offline": registry.is_some_and(|registry| registry.upstream.is_offline()),
+                "budget": budget,
             })
         })
         .collect()

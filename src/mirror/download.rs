@@ -323,8 +323,8 @@ fn failure_reason(error: &MirrorError) -> FailureReason {
         },
         MirrorError::Overloaded { .. } => FailureReason::Shed,
         MirrorError::Origin { .. } => FailureReason::UpstreamUnavailable,
-        MirrorError::UpstreamStatus { .. } | MirrorError::Request(_) => {
-            FailureReason::UpstreamStatus
-        }
+        MirrorError::UpstreamStatus { .. }
+        | MirrorError::Request(_)
+        | MirrorError::Offline { .. } => FailureReason::UpstreamStatus,
     }
 }

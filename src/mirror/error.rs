@@ -58,6 +58,14 @@ pub enum MirrorError {
         waited: std::time::Duration,
         retry_after_secs: u64,
     },
+    /// The registry is `offline` and what was asked is not cached: nothing was sent upstream.
+    #[error("{registry} is offline: the {kind} {reference} is not cached")]
+    Offline {
+        registry: String,
+        kind: super::offline::Kind,
+        /// What was asked, as a client would name it (`library/alpine:3.19`).
+        reference: String,
+    },
     /// Our own disk failed.
     #[error("store: {0}")]
     Store(#[source] Arc<StoreError>),
@@ -78,9 +86,12 @@ impl MirrorError {
             Self::UpstreamStatus { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            Self::Request(_) | Self::Store(_) | Self::Internal(_) | Self::Overloaded { .. } => {
-                false
-            }
+            // Offline, nothing could answer later: the cache is all there is, and it was asked.
+            Self::Request(_)
+            | Self::Store(_)
+            | Self::Internal(_)
+            | Self::Overloaded { .. }
+            | Self::Offline { .. } => false,
         }
     }
 }

@@ -115,6 +115,18 @@ impl Mirror {
             Some((_, manifest)) => accept.names(&manifest.media_type),
             None => accept.is_full(),
         };
+        if upstream.is_offline() {
+            // Never asked, so the shared entry (if this client takes its type) or this client's
+            // own, whatever their age.
+            let cached = match shared.filter(|(_, manifest)| accept.names(&manifest.media_type)) {
+                Some((_, manifest)) => Some(manifest),
+                None => {
+                    let key = Tags::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
+                    self.cached_tag(target, tag, &key).await.map(|(_, manifest)| manifest)
+                }
+            };
+            return self.offline_tag(target, tag, accept, cached).await;
+        }
         if suits {
             match self
                 .tag_through(target, tag, AcceptSet::every(), shared_key, shared)
@@ -324,6 +336,13 @@ impl Mirror {
                 Err(error) => Err(error),
             };
         };
+        if matches!(stale, Stale::Serve) && self.spare_revalidation(target) {
+            self.metrics.cache_lookup("tag", "stale");
+            return Ok(Manifest {
+                stale: true,
+                ..manifest
+            });
+        }
         // Past the TTL: a HEAD (free against Docker Hub's pull limit) tells whether the tag moved.
         match self.head_manifest(target, tag, accept).await {
             Ok(Some(current)) if current == manifest.digest => {

@@ -11,6 +11,7 @@
 //! shared by every request for it) and `send` (one exchange with an upstream, failures classified).
 
 mod body;
+pub mod budget;
 mod coordinator;
 mod download;
 mod error;
@@ -18,6 +19,7 @@ mod fill;
 mod hook;
 mod listing;
 mod manifests;
+pub mod offline;
 mod origin;
 mod peer;
 mod registries;

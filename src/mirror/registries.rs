@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::MirrorError;
-use crate::config::{BaseUrl, Config, TagRule, TagTtl, UpstreamAccess};
+use crate::config::{BaseUrl, Config, Reserve, TagRule, TagTtl, UpstreamAccess};
 use crate::oci::host;
 use crate::oci::{ErrorCode, OciError, RepoName};
 use crate::upstream::{AddressPolicy, CredentialError, CredentialSource, Pool, Upstream};
@@ -24,6 +24,16 @@ pub struct Registry {
     pub tag_rules: Arc<[TagRule]>,
     /// Docker Hub puts single-component names under `library/`.
     pub docker_hub: bool,
+    /// `rate_limit_reserve`: the announced remaining requests at which cached tags are no longer
+    /// revalidated (see `mirror::budget`). Whether the registry is `offline` is its upstream's.
+    pub rate_limit_reserve: Reserve,
+}
+
+/// A registry's `offline` and `rate_limit_reserve`, resolved against `mirroring`'s.
+#[derive(Clone, Copy)]
+struct Budget {
+    offline: bool,
+    reserve: Reserve,
 }
 
 /// A request's repository, resolved to the registry that serves it.
@@ -46,6 +56,7 @@ struct AnyRegistry {
     pool: Pool,
     tags_ttl: Duration,
     tag_rules: Arc<[TagRule]>,
+    budget: Budget,
     seen: Mutex<HashMap<String, Arc<Registry>>>,
 }
 
@@ -55,6 +66,7 @@ impl Registry {
         access: &UpstreamAccess<'_>,
         tags_ttl: Duration,
         tag_rules: Arc<[TagRule]>,
+        budget: Budget,
         pool: &Pool,
     ) -> Result<Self, CredentialError> {
         let docker_hub = is_docker_hub(access.url);
@@ -65,16 +77,14 @@ impl Registry {
             .map(|r| (*r).to_owned())
             .collect();
         Ok(Self {
-            upstream: Arc::new(Upstream::new(
-                name,
-                access.url.clone(),
-                credentials,
-                realms,
-                pool.clone(),
-            )),
+            upstream: Arc::new(
+                Upstream::new(name, access.url.clone(), credentials, realms, pool.clone())
+                    .with_offline(budget.offline),
+            ),
             tags_ttl,
             tag_rules,
             docker_hub,
+            rate_limit_reserve: budget.reserve,
         })
     }
 
@@ -94,11 +104,16 @@ impl Registries {
             source.authority().to_owned()
         };
         let global_rules: Arc<[TagRule]> = config.mirroring.tag_rules.clone().into();
+        let budget = Budget {
+            offline: config.mirroring.offline,
+            reserve: config.mirroring.rate_limit_reserve,
+        };
         let default = Arc::new(Registry::new(
             default_name.clone(),
             &config.mirroring.access(),
             config.mirroring.tags_cache_ttl.0,
             Arc::clone(&global_rules),
+            budget,
             pool,
         )?);
         // `mirroring.source` is what this mirror serves as Docker Hub (dockerd's `registry-mirrors`
@@ -115,11 +130,16 @@ impl Registries {
                 .tags_cache_ttl
                 .unwrap_or(config.mirroring.tags_cache_ttl)
                 .0;
+            let own = Budget {
+                offline: entry.offline.unwrap_or(budget.offline),
+                reserve: entry.rate_limit_reserve.unwrap_or(budget.reserve),
+            };
             let rules = entry
                 .tag_rules
                 .as_ref()
                 .map_or_else(|| Arc::clone(&global_rules), |rules| rules.clone().into());
-            let registry = Registry::new(host.clone(), &entry.access(index), ttl, rules, pool)?;
+            let registry =
+                Registry::new(host.clone(), &entry.access(index), ttl, rules, own, pool)?;
             by_host.insert(host, Arc::new(registry));
         }
         Ok(Self {
@@ -132,9 +152,16 @@ impl Registries {
                 }),
                 tags_ttl: config.mirroring.tags_cache_ttl.0,
                 tag_rules: Arc::clone(&global_rules),
+                budget,
                 seen: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Every configured registry (once per host name it is known by; registries created on
+    /// demand are not included).
+    pub(super) fn all(&self) -> impl Iterator<Item = &Arc<Registry>> {
+        std::iter::once(&self.default).chain(self.by_host.values())
     }
 
     /// Picks the registry for a request: containerd's `ns` parameter, else a first path component
@@ -193,16 +220,20 @@ impl Registries {
         }
         let url = BaseUrl::parse(&format!("https://{host}")).ok()?;
         let registry = Arc::new(Registry {
-            upstream: Arc::new(Upstream::new(
-                host.clone(),
-                url.clone(),
-                CredentialSource::None,
-                Vec::new(),
-                any.pool.clone(),
-            )),
+            upstream: Arc::new(
+                Upstream::new(
+                    host.clone(),
+                    url.clone(),
+                    CredentialSource::None,
+                    Vec::new(),
+                    any.pool.clone(),
+                )
+                .with_offline(any.budget.offline),
+            ),
             tags_ttl: any.tags_ttl,
             tag_rules: Arc::clone(&any.tag_rules),
             docker_hub: is_docker_hub(&url),
+            rate_limit_reserve: any.budget.reserve,
         });
         seen.insert(host, Arc::clone(&registry));
         Some(Ok(registry))

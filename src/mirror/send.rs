@@ -1,14 +1,17 @@
 //! One exchange with an upstream under a repository: building the request, sending it, and
 //! turning a failure into a [`MirrorError`] that says which side failed. Every path that asks an
 //! upstream (manifests, listings, repository checks, blob `HEAD`s) goes through here, so a refused
-//! address is always a 403 and an upstream's OCI error body always reaches the client.
+//! address is always a 403 and an upstream's OCI error body always reaches the client. It is
+//! also where an `offline` upstream is refused (nothing at all is sent, see
+//! [`offline`](super::offline)) and where a 429 to a manifest request holds the next ones back
+//! until its `Retry-After` (see [`budget`](super::budget)).
 
 use std::sync::Arc;
 
 use http::header::RETRY_AFTER;
 use http::{HeaderValue, Method, Response, StatusCode};
 
-use super::{MirrorError, Target};
+use super::{offline, MirrorError, Target};
 use crate::oci::{AcceptSet, ErrorCode, OciError};
 use crate::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamRequest};
 
@@ -43,11 +46,29 @@ pub(super) async fn send_ok(
     request: &UpstreamRequest,
     ok: impl Fn(StatusCode) -> bool,
 ) -> Result<Response<UpstreamBody>, MirrorError> {
+    if upstream.is_offline() {
+        return Err(offline::refusal(upstream, request));
+    }
+    let manifest = offline::Kind::of(request) == offline::Kind::Manifest;
+    if manifest {
+        if let Some(seconds) = upstream.refuse_held_off() {
+            // Answered as the upstream itself would answer now: its 429, with the time left.
+            return Err(MirrorError::UpstreamStatus {
+                registry: upstream.name().to_owned(),
+                status: StatusCode::TOO_MANY_REQUESTS,
+                retry_after: Some(HeaderValue::from(seconds)),
+                body: None,
+            });
+        }
+    }
     let response = upstream
         .send(request)
         .await
         .map_err(|e| upstream_failure(upstream, e))?;
     upstream.observe_rate_limit(response.headers());
+    if manifest && response.status() == StatusCode::TOO_MANY_REQUESTS {
+        upstream.hold_off(response.headers().get(RETRY_AFTER));
+    }
     if !ok(response.status()) {
         return Err(status_error(upstream, response).await);
     }

@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (store writable;
 //! Redis reachable when configured, though a Redis outage only degrades, it does not unready; the
-//! object tier's state is shown the same way: down, local disk and upstreams still serve), and
+//! object tier's state is shown the same way: down, local disk and upstreams still serve; the
+//! registries served `offline` are listed, and are no reason to be unready either), and
 //! the control plane (`/` and `/api/v1/`, see [`crate::control`]).
 
 use std::net::SocketAddr;
@@ -85,8 +86,11 @@ impl Admin {
                 health.last_error.as_deref().unwrap_or("no answer yet")
             ),
         };
+        // Never a reason to be unready either: an offline mirror serves what it holds, by design.
+        let offline = self.mirror.offline_registries();
         let body = serde_json::json!({
             "ready": store_ok,
+            "offline": offline,
             "store": if store_ok { "writable" } else { "not writable" },
             "redis": redis,
             "object_tier": object_tier,

@@ -191,6 +191,10 @@ pub struct Upstream {
     token_fetches: SingleFlight<TokenKey, Result<HeaderValue, UpstreamError>>,
     /// The latest rate limit it announced (see [`ratelimit`]).
     rate_limit: ratelimit::Latest,
+    /// Until when no manifest request is sent, after a 429 (see [`ratelimit`]).
+    hold_off: ratelimit::HoldOff,
+    /// `offline`: nothing is ever sent (the check is in `mirror::send`, the one way out).
+    offline: bool,
 }
 
 /// What a token is fetched for: the realm and service asked, the scope asked (the one the
@@ -215,7 +219,20 @@ impl Upstream {
             challenge: Mutex::new(None),
             token_fetches: SingleFlight::new(),
             rate_limit: ratelimit::Latest::default(),
+            hold_off: ratelimit::HoldOff::default(),
+            offline: false,
         }
+    }
+
+    /// This upstream under `offline` (when `offline` is true): it is never contacted.
+    pub fn with_offline(mut self, offline: bool) -> Self {
+        self.offline = offline;
+        self
+    }
+
+    /// Whether this upstream must never be contacted (`offline`).
+    pub fn is_offline(&self) -> bool {
+        self.offline
     }
 
     /// The registry's name in logs, metrics and cache keys.

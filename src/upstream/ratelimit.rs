@@ -5,6 +5,10 @@
 //! `RateLimit-Policy: "default";q=100;w=60`). Parsing is pure; each [`Upstream`] keeps the latest
 //! answer that carried one, for the operator's stats and gauges now and for a request budget
 //! later (#15), which is why it is a typed value and not only a gauge.
+//!
+//! A 429 to a manifest request also starts a hold-off: until its `Retry-After` has passed, no
+//! manifest request goes to that upstream (every one would be another 429 and, on Docker Hub,
+//! pushes the window further). The policy of what is served meanwhile is `mirror::budget`'s.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -36,6 +40,13 @@ pub struct Observed {
 /// The latest rate limit an upstream announced (none until one does).
 #[derive(Debug, Default)]
 pub(super) struct Latest(Mutex<Option<Observed>>);
+
+/// Until when manifest requests are held back after a 429 (none while not held off).
+#[derive(Debug, Default)]
+pub(super) struct HoldOff(Mutex<Option<Instant>>);
+
+/// How long to wait when a 429 names no (readable) `Retry-After`.
+pub const DEFAULT_HOLD_OFF: Duration = Duration::from_secs(60);
 
 impl RateLimit {
     /// The rate limit `headers` announce, if they carry both a limit and a remaining count.
@@ -136,6 +147,90 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// Holds manifest requests back for the `Retry-After` of a 429 (seconds or an HTTP date;
+    /// [`DEFAULT_HOLD_OFF`] when absent or unreadable). A later hold-off never shortens one.
+    pub fn hold_off(&self, retry_after: Option<&http::HeaderValue>) {
+        let wait = retry_after
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after_delay(v, std::time::SystemTime::now()))
+            .unwrap_or(DEFAULT_HOLD_OFF);
+        let until = Instant::now() + wait;
+        let mut held = self.hold_off.0.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_none_or(|current| current < until) {
+            *held = Some(until);
+        }
+        tracing::warn!(registry = %self.name, ?wait, "the upstream answered 429; holding manifest requests back");
+    }
+
+    /// What is left of a hold-off, if one is running.
+    pub fn held_off_for(&self) -> Option<Duration> {
+        let held = *self.hold_off.0.lock().unwrap_or_else(|e| e.into_inner());
+        held.and_then(|until| until.checked_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero())
+    }
+
+    /// A manifest request refused by the running hold-off: counted, and the whole seconds left
+    /// (at least 1) for the client's `Retry-After`. `None` when no hold-off runs.
+    pub fn refuse_held_off(&self) -> Option<u64> {
+        let left = self.held_off_for()?;
+        self.pool
+            .metrics
+            .ratelimit_holdoff_refusals
+            .with_label_values(&[&self.name])
+            .inc();
+        Some(left.as_secs_f64().ceil().max(1.0) as u64)
+    }
+}
+
+/// `Retry-After` as a delay from `now`: delta-seconds, or an IMF-fixdate
+/// (`Sun, 06 Nov 1994 08:49:37 GMT`; a date already past is no delay).
+fn retry_after_delay(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = http_date(value)?;
+    let now = now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    Some(Duration::from_secs(at.saturating_sub(now)))
+}
+
+/// Seconds since the epoch of an IMF-fixdate, the only form RFC 9110 requires senders to use.
+fn http_date(value: &str) -> Option<u64> {
+    let (_, rest) = value.split_once(", ")?;
+    let mut parts = rest.split(' ');
+    let day: u64 = parts.next()?.parse().ok()?;
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let name = parts.next()?;
+    let month = MONTHS.iter().position(|m| *m == name)? as u64 + 1;
+    let year: u64 = parts.next()?.parse().ok()?;
+    let mut clock = parts.next()?.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, s) = (clock.next()??, clock.next()??, clock.next()??);
+    if parts.next()? != "GMT"
+        || !(1..=31).contains(&day)
+        || year < 1970
+        || h > 23
+        || m > 59
+        || s > 60
+    {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), for years from 1970.
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + h * 3_600 + m * 60 + s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +305,27 @@ mod tests {
                 reset: Some(Duration::from_secs(12))
             })
         );
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_770);
+        assert_eq!(retry_after_delay("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(
+            retry_after_delay("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_after_delay("Sun, 06 Nov 1994 08:49:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            http_date("Tue, 29 Feb 2028 12:00:00 GMT"),
+            Some(1_835_438_400)
+        );
+        assert_eq!(retry_after_delay("soon", now), None);
+        assert_eq!(http_date("Sun, 06 Nov 1994 08:49:37 PST"), None);
     }
 
     #[test]
