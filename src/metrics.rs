@@ -115,6 +115,8 @@ pub struct Metrics {
     pub cluster_lease_renew_failures: IntCounter,
     /// Manifest requests answered 404 from the negative cache, by kind (`tag`, `digest`).
     pub negative_cache_hits: IntCounterVec,
+    /// Blob prefetches on a fetched manifest, by result (`started`, `cached`, `in_flight`, `busy`).
+    pub prefetches: IntCounterVec,
     /// See [`ControlEventMetrics`].
     control_announce_failures: IntCounter,
     control_events_applied: IntCounterVec,
@@ -304,6 +306,11 @@ impl Metrics {
                 "gantry_negative_cache_hits_total",
                 "Manifest requests answered 404 from the negative cache (mirroring.negative_ttl) without asking the upstream, by kind (tag, digest).",
                 &["kind"],
+            ),
+            prefetches: counter_vec(
+                "gantry_prefetch_total",
+                "Config and layer downloads considered when an image manifest was fetched upstream (mirroring.prefetch), by result: started, cached (already on disk), in_flight (already downloading), busy (no free download slot or limits.max_downloads / 2 prefetches running).",
+                &["result"],
             ),
             control_announce_failures: counter(
                 "gantry_control_announce_failures_total",

@@ -131,6 +131,9 @@ pub struct Mirroring {
     pub insecure: bool,
     /// Acknowledges that every client of the mirror may pull what the credentials can read.
     pub public: bool,
+    /// Starts downloading an image's config and layers when its manifest is fetched upstream,
+    /// at the lowest priority, so the client's blob requests find them on disk or in flight.
+    pub prefetch: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -430,6 +433,7 @@ impl Default for Mirroring {
             token_realms: Vec::new(),
             insecure: false,
             public: false,
+            prefetch: true,
         }
     }
 }
