@@ -121,6 +121,8 @@ pub struct Metrics {
     /// Manifest requests not sent because the upstream's 429 `Retry-After` had not passed
     /// (cached tags served stale, the rest answered 429), by registry.
     pub ratelimit_holdoff_refusals: IntCounterVec,
+    /// Blob prefetches on a fetched manifest, by result (`started`, `cached`, `in_flight`, `busy`).
+    pub prefetches: IntCounterVec,
     /// See [`ControlEventMetrics`].
     control_announce_failures: IntCounter,
     control_events_applied: IntCounterVec,
@@ -320,6 +322,11 @@ impl Metrics {
                 "gantry_ratelimit_holdoff_refusals_total",
                 "Manifest requests not sent to an upstream that answered 429 until its Retry-After passed (cached tags served stale, others answered 429), by registry.",
                 &["registry"],
+            ),
+            prefetches: counter_vec(
+                "gantry_prefetch_total",
+                "Config and layer downloads considered when an image manifest was fetched upstream (mirroring.prefetch), by result: started, cached (already on disk), in_flight (already downloading), busy (no free download slot or limits.max_downloads / 2 prefetches running).",
+                &["result"],
             ),
             control_announce_failures: counter(
                 "gantry_control_announce_failures_total",

@@ -143,6 +143,9 @@ pub struct Mirroring {
     /// When the upstream's announced remaining requests fall to this, cached tags are not
     /// revalidated, so what is left goes to tags nobody has cached.
     pub rate_limit_reserve: Reserve,
+    /// Starts downloading an image's config and layers when its manifest is fetched upstream,
+    /// at the lowest priority, so the client's blob requests find them on disk or in flight.
+    pub prefetch: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -454,6 +457,7 @@ impl Default for Mirroring {
             public: false,
             offline: false,
             rate_limit_reserve: Reserve::default(),
+            prefetch: true,
         }
     }
 }

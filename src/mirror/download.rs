@@ -13,13 +13,14 @@ use std::fs::File;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use super::coordinator::{Claim, Owner};
 use super::error::MirrorError;
 use super::fill::{fill, store_error};
 use super::hook::Committed;
 use super::origin::{BlobOrigin, ObjectOrigin, Origin, PeerOrigin, UpstreamOrigin};
+use super::prefetch::Prefetched;
 use super::resume::open_first;
 use super::Mirror;
 use crate::cluster::LeaseClaim;
@@ -104,6 +105,32 @@ impl Flight {
     }
 }
 
+/// Who a download runs for, which decides how it gets its slot.
+enum Priority {
+    /// A client's request: waits for a slot (or is shed), and streams to that client first.
+    Client(mpsc::Sender<Bytes>),
+    /// A prefetch: both permits taken before it was started, no client to stream to.
+    Prefetch {
+        slot: OwnedSemaphorePermit,
+        prefetch: OwnedSemaphorePermit,
+    },
+}
+
+/// The permits a running download holds until it ends: its slot, and a prefetch's own permit.
+struct Held {
+    _slot: OwnedSemaphorePermit,
+    _prefetch: Option<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    fn client(slot: OwnedSemaphorePermit) -> Self {
+        Self {
+            _slot: slot,
+            _prefetch: None,
+        }
+    }
+}
+
 pub(super) fn lost() -> MirrorError {
     MirrorError::Internal("the download task ended without a result")
 }
@@ -127,6 +154,58 @@ impl Mirror {
         };
         let flight = Arc::clone(&owner.flight);
         let (first_tx, first_rx) = mpsc::channel(FIRST_CLIENT_CHANNEL);
+        self.start(owner, upstream, repo, digest, Priority::Client(first_tx));
+        (flight, Some(first_rx))
+    }
+
+    /// Starts the download of `digest` at the lowest priority (see `prefetch`), unless it is
+    /// stored or downloading already, or no slot is free right now. A client asking for it
+    /// meanwhile follows the flight like any other.
+    pub(super) fn prefetch_blob(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Prefetched {
+        if self.store.contains_blob(digest) {
+            return Prefetched::Cached;
+        }
+        if self.coordinator.running(digest).is_some() {
+            return Prefetched::InFlight;
+        }
+        // Both now or not at all: a prefetch never waits, so it never queues before a client.
+        let Some(prefetch) = self.prefetch.permit() else {
+            return Prefetched::Busy;
+        };
+        let Ok(slot) = Arc::clone(&self.download_slots).try_acquire_owned() else {
+            return Prefetched::Busy;
+        };
+        let repository = || format!("{}/{repo}", upstream.name());
+        match self.coordinator.claim(digest, repository) {
+            Claim::Follow(_) => Prefetched::InFlight,
+            Claim::Owner(owner) => {
+                self.start(
+                    owner,
+                    upstream,
+                    repo,
+                    digest,
+                    Priority::Prefetch { slot, prefetch },
+                );
+                Prefetched::Started
+            }
+        }
+    }
+
+    /// Runs a claimed download in its own task, owned by the mirror through the claim; it ends
+    /// when the download commits, fails or times out.
+    fn start(
+        self: &Arc<Self>,
+        owner: Owner,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        priority: Priority,
+    ) {
         let received = self
             .metrics
             .upstream_bytes
@@ -138,9 +217,7 @@ impl Mirror {
             self.resumes.refetched(),
         );
         self.metrics.downloads_in_flight.inc();
-        // Owned by the mirror through the claim; ends when the download commits, fails or times out.
-        tokio::spawn(Arc::clone(self).run(owner, origin, digest.clone(), first_tx));
-        (flight, Some(first_rx))
+        tokio::spawn(Arc::clone(self).run(owner, origin, digest.clone(), priority));
     }
 
     /// Waits for the running downloads to end, their commits included, until `deadline`; returns
@@ -157,7 +234,7 @@ impl Mirror {
         owner: Owner,
         origin: UpstreamOrigin,
         digest: Digest,
-        first: mpsc::Sender<Bytes>,
+        priority: Priority,
     ) {
         // `_task` counts this task as running (see `drain`) until the function returns.
         let Owner {
@@ -167,7 +244,18 @@ impl Mirror {
             ..
         } = owner;
         let limit = self.download_timeout;
-        let outcome = match self.download_slot().await {
+        // A prefetch arrives with its slot (and its prefetch permit), held until the end.
+        let (slot, first) = match priority {
+            Priority::Client(first) => (self.download_slot().await, Some(first)),
+            Priority::Prefetch { slot, prefetch } => (
+                Ok(Held {
+                    _slot: slot,
+                    _prefetch: Some(prefetch),
+                }),
+                None,
+            ),
+        };
+        let outcome = match slot {
             Err(shed) => Err(shed),
             Ok(_slot) => {
                 tokio::time::timeout(limit, self.download(&origin, &digest, &progress, first))
@@ -206,11 +294,11 @@ impl Mirror {
     /// `timeouts.download_queue` long and only behind `limits.max_queued_downloads` others; past
     /// either it is shed with a quick `503` and `Retry-After` (linkerd's load shedding) instead of
     /// holding its clients for up to `timeouts.download`.
-    async fn download_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, MirrorError> {
+    async fn download_slot(&self) -> Result<Held, MirrorError> {
         use std::sync::atomic::Ordering;
         let slots = Arc::clone(&self.download_slots);
         if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
-            return Ok(slot);
+            return Ok(Held::client(slot));
         }
         let wait = self.download_queue_wait;
         let shed = |waited| {
@@ -225,7 +313,7 @@ impl Mirror {
             Err(shed(std::time::Duration::ZERO))
         } else {
             match tokio::time::timeout(wait, slots.acquire_owned()).await {
-                Ok(slot) => slot.map_err(|_| lost()),
+                Ok(slot) => slot.map(Held::client).map_err(|_| lost()),
                 Err(_) => Err(shed(wait)),
             }
         };
@@ -243,7 +331,7 @@ impl Mirror {
         upstream: &UpstreamOrigin,
         digest: &Digest,
         progress: &watch::Sender<Progress>,
-        first: mpsc::Sender<Bytes>,
+        first: Option<mpsc::Sender<Bytes>>,
     ) -> Result<u64, MirrorError> {
         let registry = upstream.name().to_owned();
         let mut origins = Vec::with_capacity(3);
@@ -299,7 +387,7 @@ impl Mirror {
         origins: Vec<Origin>,
         digest: &Digest,
         progress: &watch::Sender<Progress>,
-        first: mpsc::Sender<Bytes>,
+        first: Option<mpsc::Sender<Bytes>>,
         registry: &str,
     ) -> Result<u64, MirrorError> {
         let opened = open_first(digest, origins, self.resumes.clone()).await?;
@@ -307,7 +395,7 @@ impl Mirror {
             .store
             .begin_blob(digest, opened.size)
             .map_err(store_error)?;
-        fill(writer, opened.chunks, progress, Some(first), registry).await
+        fill(writer, opened.chunks, progress, first, registry).await
     }
 }
 

@@ -592,6 +592,7 @@ impl Mirror {
         self.tags
             .share_manifest(&digest.to_string(), &media_type, &bytes)
             .await;
+        self.prefetch(target, &digest, &bytes);
         Ok(Manifest {
             digest,
             media_type,

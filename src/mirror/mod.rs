@@ -8,7 +8,8 @@
 //! [`Mirror`] is the facade; each policy has its own room: `registries` (which upstream serves a
 //! request), `manifests` (digests, tags and their TTL), `listing` (tag lists and referrers),
 //! `scope` (which repository may be served cached content), `download` (one download per blob,
-//! shared by every request for it) and `send` (one exchange with an upstream, failures classified).
+//! shared by every request for it), `prefetch` (an image's blobs started as its manifest arrives)
+//! and `send` (one exchange with an upstream, failures classified).
 
 mod body;
 pub mod budget;
@@ -22,6 +23,7 @@ mod manifests;
 pub mod offline;
 mod origin;
 mod peer;
+mod prefetch;
 mod registries;
 mod resume;
 mod scope;
@@ -120,6 +122,8 @@ pub struct Mirror {
     default_negative_ttl: Duration,
     /// How a download whose upstream body breaks off asks again (`limits.download_resumes`).
     resumes: resume::Retries,
+    /// Downloads started when an image manifest is fetched (`mirroring.prefetch`).
+    prefetch: prefetch::Prefetch,
 }
 
 /// What a replica of a fleet uses to make one upstream fetch per blob for all of them.
@@ -172,6 +176,7 @@ impl Mirror {
                 })
                 .collect(),
             default_negative_ttl: config.mirroring.negative_ttl.0,
+            prefetch: prefetch::Prefetch::new(config),
         })
     }
 
@@ -203,7 +208,8 @@ impl Mirror {
 
     /// Picks the registry for a request: containerd's `ns` parameter, else a first path component
     /// naming a configured host, else the default source.
-    pub fn resolve(&self, ns: Option<&str>, name: &str) -> Result<Target, MirrorError> {
+    pub fn resolve(self: &Arc<Self>, ns: Option<&str>, name: &str) -> Result<Target, MirrorError> {
+        self.prefetch.bind(self);
         self.registries.resolve(ns, name)
     }
 
