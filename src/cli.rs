@@ -149,7 +149,7 @@ pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
     let _lock = match crate::store::lock::lock(&config.storage.path) {
         Ok(lock) => lock,
         Err(error) => {
-            eprintln!("gantry: gc: {error}");
+            eprintln!("gantry: gc failed: {error}");
             return ExitCode::FAILURE;
         }
     };
