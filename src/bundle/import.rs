@@ -77,11 +77,12 @@ pub async fn import(config: &Config, bundles: &[PathBuf]) -> Result<Imported, Bu
             );
             if let Some((digest, other)) = tags.get(&key) {
                 if *digest != image.digest {
+                    // The first bundle may be this one: a tag named twice within it.
                     return Err(BundleError::entry(
                         path,
                         BUNDLE_JSON,
                         format!(
-                            "{}/{}:{tag} is {} here and {digest} in {}",
+                            "{}/{}:{tag} is named twice: {} here and {digest} in {}",
                             image.registry,
                             image.repository,
                             image.digest,
@@ -269,27 +270,10 @@ fn check(path: &Path, kept: &mut u64) -> Result<Checked, BundleError> {
         blobs: BTreeMap::new(),
         contents: Vec::new(),
     };
-    let mut tags: HashMap<(&str, &str, &str), &str> = HashMap::new();
     for image in &bundle.images {
         let name = format!("{}/{}", image.registry, image.repository);
         if let Some(tag) = &image.tag {
             Tag::parse(tag).map_err(|e| refuse(BUNDLE_JSON, format!("{name}: {e}")))?;
-            let key = (
-                image.registry.as_str(),
-                image.repository.as_str(),
-                tag.as_str(),
-            );
-            if let Some(other) = tags.insert(key, &image.digest) {
-                if other != image.digest {
-                    return Err(refuse(
-                        BUNDLE_JSON,
-                        format!(
-                            "{name}:{tag} is named twice, as {other} and {}",
-                            image.digest
-                        ),
-                    ));
-                }
-            }
         }
         crate::oci::RepoName::parse(&image.repository)
             .map_err(|e| refuse(BUNDLE_JSON, format!("{name}: {e}")))?;
