@@ -85,6 +85,14 @@ pub fn serve(config_path: Option<&Path>, listen: Option<SocketAddr>) -> ExitCode
         config.listen = ListenAddr(listen);
     }
     let _log_writer = init_logging(&config);
+    // Held for the process's lifetime: `import` and `gc` refuse to rewrite a store being served.
+    let _serving = match crate::store::lock::lock(&config.storage.path) {
+        Ok(lock) => lock,
+        Err(error) => {
+            eprintln!("gantry: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
@@ -137,6 +145,14 @@ pub fn gc(config_path: Option<&Path>, verify: bool) -> ExitCode {
         Err(code) => return code,
     };
     let _log_writer = init_logging(&config);
+    // 1, not EXIT_STORE_SERVED: gc's 2 already means "corrupt entries were removed".
+    let _lock = match crate::store::lock::lock(&config.storage.path) {
+        Ok(lock) => lock,
+        Err(error) => {
+            eprintln!("gantry: gc failed: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = Store::open(
         &config.storage.path,
         StoreOptions::from_config(&config.storage),
@@ -236,5 +252,133 @@ pub fn warm(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `import` found a gantry serving the store: nothing was read or written.
+pub const EXIT_STORE_SERVED: u8 = 2;
+
+pub fn export(
+    config_path: Option<&Path>,
+    output: &Path,
+    platforms: Vec<String>,
+    all_cached: bool,
+    images: Vec<String>,
+) -> ExitCode {
+    let config = match load(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if images.is_empty() && !all_cached {
+        eprintln!("gantry: export: name at least one image (or --all-cached)");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    // Reads only; a server may hold the store meanwhile, but its tmp/ would be emptied by
+    // Store::open, so the export refuses as import does.
+    let _lock = match crate::store::lock::lock(&config.storage.path) {
+        Ok(lock) => lock,
+        Err(error) => {
+            eprintln!("gantry: export: {error}");
+            return ExitCode::from(EXIT_STORE_SERVED);
+        }
+    };
+    let request = crate::bundle::ExportRequest {
+        images,
+        all_cached,
+        platforms,
+        output: output.to_owned(),
+    };
+    let names = crate::bundle::Names::new(&config);
+    let result = runtime.block_on(async {
+        let store = Store::open(
+            &config.storage.path,
+            StoreOptions::from_config(&config.storage),
+            Arc::new(Metrics::new()),
+        )?;
+        crate::bundle::export(&store, &names, &request).await
+    });
+    match result {
+        Ok(exported) => {
+            for image in &exported.images {
+                println!(
+                    "exported {}/{}{} {} ({} bytes)",
+                    image.registry,
+                    image.repository,
+                    image
+                        .tag
+                        .as_ref()
+                        .map(|t| format!(":{t}"))
+                        .unwrap_or_default(),
+                    image.digest,
+                    image.size
+                );
+            }
+            println!(
+                "{}: {} images, {} blobs and manifests, {} bytes",
+                output.display(),
+                exported.images.len(),
+                exported.blobs,
+                exported.bytes
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("gantry: export failed, no bundle written: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn import(config_path: Option<&Path>, bundles: &[std::path::PathBuf]) -> ExitCode {
+    let config = match load(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(crate::bundle::import(&config, bundles)) {
+        Ok(imported) => {
+            for image in &imported.images {
+                println!(
+                    "imported {}/{}{} {}",
+                    image.registry,
+                    image.repository,
+                    image
+                        .tag
+                        .as_ref()
+                        .map(|t| format!(":{t}"))
+                        .unwrap_or_default(),
+                    image.digest
+                );
+            }
+            println!(
+                "{}: {} images; {} blobs and manifests written, {} bytes",
+                config.storage.path.display(),
+                imported.images.len(),
+                imported.written,
+                imported.bytes
+            );
+            for registry in &imported.unserved {
+                eprintln!(
+                    "gantry: warning: this config does not serve registry {registry}; its imported images \
+                     are pulled only once it is configured"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(crate::bundle::BundleError::Lock(error @ crate::store::lock::LockError::Held(_))) => {
+            eprintln!("gantry: import: {error}");
+            ExitCode::from(EXIT_STORE_SERVED)
+        }
+        Err(error) => {
+            eprintln!("gantry: import refused, the store is unchanged: {error}");
+            ExitCode::FAILURE
+        }
     }
 }

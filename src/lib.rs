@@ -10,6 +10,7 @@
 pub mod access;
 pub mod api;
 pub mod app;
+pub mod bundle;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -110,6 +110,35 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Write cached images from the store (offline) into an OCI image-layout tar.
+    ///
+    /// skopeo (`oci-archive:`), `podman load` and `docker load` read it; `gantry import` puts it
+    /// into another mirror's store.
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The bundle to write (replaced only once it is complete).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Only these platforms of a multi-platform image (os/arch[/variant]); all when absent.
+        #[arg(long)]
+        platform: Vec<String>,
+        /// Every tag the store holds.
+        #[arg(long)]
+        all_cached: bool,
+        /// Image references: alpine:3.20, ghcr.io/owner/app:v1, redis@sha256:…
+        images: Vec<String>,
+    },
+    /// Verify bundles written by `gantry export`, then copy them into the store (offline).
+    ///
+    /// Exits 0 when imported, 1 when a bundle is refused (the store is unchanged), and 2 when a
+    /// gantry is serving the store.
+    Import {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(required = true)]
+        bundles: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +147,14 @@ fn main() -> ExitCode {
         Command::Serve { config, listen } => cli::serve(config.as_deref(), listen),
         Command::CheckConfig { file } => cli::check_config(&file),
         Command::Gc { config, verify } => cli::gc(config.as_deref(), verify),
+        Command::Export {
+            config,
+            output,
+            platform,
+            all_cached,
+            images,
+        } => cli::export(config.as_deref(), &output, platform, all_cached, images),
+        Command::Import { config, bundles } => cli::import(config.as_deref(), &bundles),
         Command::Warm {
             mirror,
             platform,

@@ -25,6 +25,7 @@
 mod body;
 pub mod catalogue;
 mod links;
+pub mod lock;
 mod mapped;
 pub mod object;
 pub mod pins;
