@@ -13,6 +13,7 @@ pub mod app;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod configure;
 pub mod control;
 pub mod ctl;
 #[doc(hidden)]
