@@ -382,3 +382,52 @@ pub fn import(config_path: Option<&Path>, bundles: &[std::path::PathBuf]) -> Exi
         }
     }
 }
+
+/// `gantry configure`: a bad flag exits 64 with nothing read; a file that cannot be parsed or
+/// written exits 1, every file as it was (all are checked before any is written).
+pub fn configure(
+    client: crate::configure::Client,
+    mirror: &str,
+    registries: &[String],
+    insecure: bool,
+    ca: Option<&Path>,
+    path: Option<&Path>,
+    dry_run: bool,
+) -> ExitCode {
+    use crate::configure::{self, Error, Request};
+    let failed = |error: Error| {
+        eprintln!("gantry: configure: {error}");
+        match error {
+            Error::Usage(_) => ExitCode::from(EXIT_CONFIG),
+            Error::Malformed { .. } | Error::Io { .. } => ExitCode::FAILURE,
+        }
+    };
+    let planned = Request::new(client, mirror, registries, insecure, ca, path)
+        .and_then(|request| configure::plan(&request));
+    let plan = match planned {
+        Ok(plan) => plan,
+        Err(error) => return failed(error),
+    };
+    for warning in &plan.warnings {
+        eprintln!("gantry: configure: warning: {warning}");
+    }
+    if dry_run {
+        for change in &plan.changes {
+            if change.is_unchanged() {
+                println!("{}: unchanged", change.path.display());
+            } else {
+                print!("{}", change.diff());
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    match configure::apply(&plan) {
+        Ok(done) => {
+            for (path, outcome) in done {
+                println!("{}: {outcome}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => failed(error),
+    }
+}

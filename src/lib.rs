@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod configure;
 pub mod control;
 pub mod ctl;
 #[doc(hidden)]

@@ -100,6 +100,34 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Point a client at a gantry mirror: edit daemon.json, containerd's hosts.toml files or
+    /// registries.conf in place (idempotent; every other setting kept).
+    Configure {
+        /// docker (daemon.json), containerd (certs.d/<registry>/hosts.toml) or podman
+        /// (registries.conf, also read by CRI-O, buildah and skopeo).
+        #[arg(value_enum)]
+        client: ConfigureClient,
+        /// gantry's URL as the client reaches it, e.g. http://mirror.internal:5000.
+        #[arg(long)]
+        mirror: String,
+        /// A registry to pull through the mirror (repeatable; docker.io when absent).
+        #[arg(long)]
+        registry: Vec<String>,
+        /// Plain HTTP or an unverified certificate: docker's insecure-registries, containerd's
+        /// skip_verify, podman's insecure.
+        #[arg(long)]
+        insecure: bool,
+        /// A CA bundle the client should trust for the mirror (containerd's `ca`).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Print a diff of what would change and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The file (docker, podman) or hosts directory (containerd) instead of the default
+        /// (/etc/docker/daemon.json, /etc/containerd/certs.d, /etc/containers/registries.conf).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
     /// Offline store maintenance: clear tmp/, evict to storage.max_size, optionally re-verify.
     ///
     /// Exits 0 when done, 1 when gc could not run, and 2 when --verify removed corrupt entries.
@@ -141,6 +169,23 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ConfigureClient {
+    Docker,
+    Containerd,
+    Podman,
+}
+
+impl From<ConfigureClient> for gantry::configure::Client {
+    fn from(client: ConfigureClient) -> Self {
+        match client {
+            ConfigureClient::Docker => Self::Docker,
+            ConfigureClient::Containerd => Self::Containerd,
+            ConfigureClient::Podman => Self::Podman,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
@@ -180,5 +225,22 @@ fn main() -> ExitCode {
         Command::Unpin { admin, images } => ctl::unpin(&admin, &images),
         Command::Refresh { admin, images } => ctl::refresh(&admin, &images),
         Command::Stats { admin } => ctl::stats(&admin),
+        Command::Configure {
+            client,
+            mirror,
+            registry,
+            insecure,
+            ca,
+            dry_run,
+            path,
+        } => cli::configure(
+            client.into(),
+            &mirror,
+            &registry,
+            insecure,
+            ca.as_deref(),
+            path.as_deref(),
+            dry_run,
+        ),
     }
 }

@@ -1796,3 +1796,90 @@ fn config_path_and_mounts(container: &Value) -> (&Path, BTreeMap<&str, &str>) {
         .collect();
     (Path::new(args[at + 1]), mounts)
 }
+
+// ---- the node set-up DaemonSet ----------------------------------------------------------------
+
+/// deploy/kubernetes/configure-daemonset.yaml: its init container's arguments run for real (the
+/// built binary, `--path` moved to a temp dir) and write a hosts.toml per `--registry` pointing at
+/// the mirror; the path it writes is the node directory mounted there; the mirror is the
+/// `gantry` Service's port; every container is hardened.
+#[test]
+fn configure_daemonset_writes_hosts_toml_for_each_registry() {
+    let daemonset = document("deploy/kubernetes/configure-daemonset.yaml");
+    assert_eq!(daemonset["kind"], "DaemonSet");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let init = &seq(&pod["initContainers"], "initContainers")[0];
+    let args: Vec<&str> = seq(&init["args"], "args")
+        .iter()
+        .map(|a| str_of(a, "an argument"))
+        .collect();
+    assert_eq!(args[..2], ["configure", "containerd"], "{args:?}");
+    let flag = |name: &str| -> Vec<&str> {
+        args.windows(2)
+            .filter(|w| w[0] == name)
+            .map(|w| w[1])
+            .collect()
+    };
+    let path = flag("--path");
+    assert_eq!(path, ["/etc/containerd/certs.d"], "{args:?}");
+    let mount = seq(&init["volumeMounts"], "volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == path[0])
+        .unwrap_or_else(|| panic!("nothing is mounted at {}", path[0]));
+    let volume = seq(&pod["volumes"], "volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mounted volume");
+    assert_eq!(
+        volume["hostPath"]["path"], path[0],
+        "the node's own directory"
+    );
+    let mirror = flag("--mirror");
+    let service_port = kubernetes_objects()
+        .into_iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "gantry")
+        .expect("Service gantry")["spec"]["ports"][0]["port"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        mirror,
+        [format!("http://gantry.gantry.svc:{service_port}").as_str()]
+    );
+    for container in seq(&pod["containers"], "containers")
+        .iter()
+        .chain(seq(&pod["initContainers"], "initContainers"))
+    {
+        let security = &container["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{container:?}");
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{container:?}");
+        assert_eq!(security["capabilities"]["drop"][0], "ALL", "{container:?}");
+        assert!(security["privileged"] != true, "{container:?}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs.d");
+    let mut run: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let at = run.iter().position(|a| a == "--path").unwrap() + 1;
+    run[at] = certs.display().to_string();
+    for _ in 0..2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_gantry"))
+            .args(&run)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gantry {run:?}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for registry in flag("--registry") {
+        let file = certs.join(registry).join("hosts.toml");
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(
+            text.contains(&format!("[host.\"{}\"]", mirror[0])),
+            "{}:\n{text}",
+            file.display()
+        );
+    }
+}

@@ -1245,3 +1245,81 @@ pub async fn skopeo_with_registries_conf(
     containers_env(&mut command, dir, registries, trap);
     run(command, COMMAND_TIMEOUT).await
 }
+
+// ---------------------------------------------------------------------------------------------
+// dockerd on a daemon.json someone else edits (tests/configure.rs)
+
+impl Dockerd {
+    /// A `dockerd` like [`Dockerd::start_with`] with no mirror, except that `prepare` gets the
+    /// path of its `daemon.json` (holding only the sandbox settings) before the daemon starts, to
+    /// edit it (`gantry configure docker --path`); the daemon then runs on what `prepare` left.
+    pub async fn start_on_edited_config(trap: &Trap, prepare: impl FnOnce(&Path)) -> Self {
+        let major = tool_version("dockerd").await.0.unwrap_or(0);
+        let containerd = Containerd::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let socket = d.join("docker.sock");
+        let mut config = json!({
+            "hosts": [format!("unix://{}", socket.display())],
+            "data-root": d.join("data"),
+            "exec-root": d.join("exec"),
+            "pidfile": d.join("docker.pid"),
+            "containerd": containerd.socket,
+            "storage-driver": "vfs",
+            "iptables": false,
+            "ip6tables": false,
+            "ip-forward": false,
+            "ip-masq": false,
+            "bridge": "none",
+            "debug": true,
+        });
+        if major <= 24 {
+            config["deprecated-key-path"] = json!(d.join("key.json"));
+        }
+        let config_path = d.join("daemon.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        prepare(&config_path);
+        std::fs::create_dir_all(d.join("tmp")).unwrap();
+        let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
+        let child = sandboxed("dockerd")
+            .arg("--config-file")
+            .arg(&config_path)
+            .env("DOCKER_TMPDIR", d.join("tmp"))
+            .env_remove("DOCKER_DRIVER")
+            .env_remove("DOCKER_HOST")
+            .envs(trap.env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("dockerd starts");
+        let mut this = Self {
+            daemon: Daemon { child },
+            containerd,
+            dir,
+            socket,
+            etc_docker: None,
+        };
+        let started = Instant::now();
+        while started.elapsed() < START_TIMEOUT {
+            if let Some(status) = this.daemon.exited() {
+                panic!("dockerd exited ({status})\n{}", this.logs());
+            }
+            if unix_socket_answers(
+                &this.socket,
+                Some(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n"),
+                "OK",
+            )
+            .await
+            {
+                return this;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "dockerd did not answer /_ping within {START_TIMEOUT:?}\n{}",
+            this.logs()
+        );
+    }
+}
