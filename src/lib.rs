@@ -3,8 +3,9 @@
 //! The request path, top to bottom: [`server`] accepts connections, [`api`] turns `/v2/` requests
 //! into typed calls, [`mirror`] decides between the caches ([`store`], [`tags`]) and the
 //! [`upstream`]; all of them speak the protocol types of [`oci`].
-// Only store::mapped (it maps blob files: it says what it measured to earn it) and server::rlimit
-// (getrlimit/setrlimit) may use `unsafe`; each says why that is sound.
+// Only store::mapped (it maps blob files: it says what it measured to earn it), server::rlimit
+// (getrlimit/setrlimit) and store::lock (flock on the store's serve.lock) may use `unsafe`; each
+// says why that is sound.
 #![deny(unsafe_code)]
 
 pub mod access;

@@ -122,7 +122,9 @@ impl Mirror {
                 Some((_, manifest)) => Some(manifest),
                 None => {
                     let key = Tags::key(upstream.name(), target.repo.as_str(), tag, &accept.key());
-                    self.cached_tag(target, tag, &key).await.map(|(_, manifest)| manifest)
+                    self.cached_tag(target, tag, &key)
+                        .await
+                        .map(|(_, manifest)| manifest)
                 }
             };
             return self.offline_tag(target, tag, accept, cached).await;
