@@ -11,6 +11,8 @@ use common::metrics::{sample, value};
 use common::{blob_path, http_get, pull, require_tools, wait_until, Fixture, Gantry, Options};
 
 const STARTED: &str = r#"gantry_prefetch_total{result="started"}"#;
+/// Prefetch is off by default (see `config::Mirroring::prefetch`); these tests turn it on.
+const PREFETCH_ON: &str = "  prefetch: true";
 const BUSY: &str = r#"gantry_prefetch_total{result="busy"}"#;
 const IMAGE_ACCEPT: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -46,7 +48,15 @@ async fn a_fetched_manifest_prefetches_its_config_and_layers() {
         return;
     }
     let fixture = Fixture::start().await;
-    let gantry = Gantry::start(&fixture.proxy.url()).await;
+    let gantry = Gantry::start_with(
+        tempfile::tempdir().unwrap(),
+        &fixture.proxy.url(),
+        Options {
+            mirroring: PREFETCH_ON,
+            ..Options::default()
+        },
+    )
+    .await;
     let blobs = fixture.multi.blobs();
     assert!(stored(&store(&gantry), &blobs).is_empty());
 
@@ -122,7 +132,15 @@ async fn an_index_prefetches_nothing() {
         return;
     }
     let fixture = Fixture::start().await;
-    let gantry = Gantry::start(&fixture.proxy.url()).await;
+    let gantry = Gantry::start_with(
+        tempfile::tempdir().unwrap(),
+        &fixture.proxy.url(),
+        Options {
+            mirroring: PREFETCH_ON,
+            ..Options::default()
+        },
+    )
+    .await;
     get_manifest(&gantry, "test/index", "idx", INDEX_ACCEPT).await;
     assert_eq!(sample(&gantry.metrics().await, STARTED), None);
     gantry.settled().await;
@@ -158,6 +176,7 @@ async fn prefetches_leave_half_the_download_slots_to_clients() {
         tempfile::tempdir().unwrap(),
         &fixture.proxy.url(),
         Options {
+            mirroring: PREFETCH_ON,
             extra: "limits:\n  max_downloads: 4",
             ..Options::default()
         },
