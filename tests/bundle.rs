@@ -1,6 +1,7 @@
 //! `gantry export` and `gantry import` as the real commands, between two stores: mirror A pulls
-//! from a real upstream and exports; skopeo and podman read the bundle; B, whose upstream is gone,
-//! imports it and serves it. Damaged bundles are refused naming the entry, with B's store byte
+//! from a real upstream and exports; skopeo and podman read the bundle; B, `offline: true` and
+//! whose upstream is gone, imports it and serves it by tag to skopeo, podman and ctr with the
+//! upstream's digests, and answers a tag it never saw with the offline 404. Damaged bundles are refused naming the entry, with B's store byte
 //! for byte unchanged, and an import into a store a gantry process serves is refused with exit 2.
 
 mod common;
@@ -9,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::clients::{registries_conf, Podman, Trap};
+use common::clients::{registries_conf, Containerd, Podman, Trap};
 use common::process::GantryProcess;
 use common::{config_yaml, file_digest, pull, require_tools, skopeo, Fixture, Gantry, Options};
 use sha2::Digest as _;
@@ -270,8 +271,84 @@ async fn an_exported_bundle_loads_in_skopeo_and_podman_and_imports_into_an_offli
         );
     }
 
-    // B serves the image by digest from what was imported (the upstream would refuse: it is gone).
-    let b = Gantry::start_with(b_dir, &upstream, Options::default()).await;
+    // B is offline: it never contacts its upstream (gone anyway) and serves only what was imported.
+    let b = Gantry::start_with(
+        b_dir,
+        &upstream,
+        Options {
+            mirroring: "  offline: true",
+            ..Options::default()
+        },
+    )
+    .await;
+    let ready = common::http_get(&b.admin_url("/readyz"), &[])
+        .await
+        .unwrap();
+    assert!(
+        ready.json()["offline"]
+            .as_array()
+            .is_some_and(|offline| !offline.is_empty()),
+        "readyz says offline: {:?}",
+        ready.body
+    );
+    // By tag, every platform: the tag comes from the imported catalogue, with the upstream's digest.
+    let (by_tag, result) = pull(&format!("{}/test/index:idx", b.host()), true).await;
+    result.unwrap_or_else(|e| panic!("pull by tag through offline B: {e}"));
+    assert_eq!(
+        file_digest(&by_tag.path().join("image/manifest.json")),
+        index_digest
+    );
+    // A tag B never saw: 404 saying the mirror is offline and how to bring the image in.
+    let unseen = common::http_get(&b.url("/v2/test/index/manifests/never-exported"), &[])
+        .await
+        .unwrap();
+    assert_eq!(unseen.status, http::StatusCode::NOT_FOUND);
+    let message = String::from_utf8_lossy(&unseen.body).into_owned();
+    assert!(
+        message.contains("MANIFEST_UNKNOWN")
+            && message.contains("offline")
+            && message.contains("gantry import"),
+        "{message}"
+    );
+    // podman and containerd, pointed at B as the mirror of a registry name, pull the tag too.
+    let trap = Trap::start().await;
+    if common::which("podman").is_some() {
+        let conf = work.path().join("registries-b.conf");
+        registries_conf(&conf, &[("offline.example", "offline.example", &b.host())]);
+        let podman = Podman::new(&conf);
+        podman
+            .pull("offline.example/test/index:idx", &trap, &[])
+            .await;
+        let digest = podman
+            .podman(
+                &[
+                    "image",
+                    "inspect",
+                    "--format",
+                    "{{.Digest}}",
+                    "offline.example/test/index:idx",
+                ],
+                &trap,
+            )
+            .await;
+        assert_eq!(digest.stdout.trim(), index_digest, "{}", digest.text());
+    }
+    if common::which("containerd").is_some() && common::which("ctr").is_some() {
+        // containerd says which registry it wants (`?ns=`): the imported images' own, A's upstream.
+        let containerd = Containerd::start().await;
+        let hosts = work.path().join("certs.d");
+        Containerd::write_hosts_toml(&hosts, &host, &format!("http://{host}"), &b.url(""));
+        let reference = format!("{host}/test/index:idx");
+        containerd
+            .pull(&hosts, &["--all-platforms"], &reference, &trap, &[])
+            .await;
+        assert_eq!(
+            containerd.image_digest(&reference, &trap).await.as_deref(),
+            Some(index_digest.as_str())
+        );
+    }
+    trap.assert_untouched("pulls through offline B");
+    // And by digest.
     let (pulled, result) = pull(&format!("{}/test/index@{index_digest}", b.host()), true).await;
     result.unwrap_or_else(|e| panic!("pull through B: {e}"));
     assert_eq!(
