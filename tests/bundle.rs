@@ -1,8 +1,9 @@
 //! `gantry export` and `gantry import` as the real commands, between two stores: mirror A pulls
 //! from a real upstream and exports; skopeo and podman read the bundle; B, `offline: true` and
 //! whose upstream is gone, imports it and serves it by tag to skopeo, podman and ctr with the
-//! upstream's digests, and answers a tag it never saw with the offline 404. Damaged bundles are refused naming the entry, with B's store byte
-//! for byte unchanged, and an import into a store a gantry process serves is refused with exit 2.
+//! upstream's digests, and answers a tag it never saw with the offline 404. Damaged bundles are
+//! refused naming the entry, with B's store byte for byte unchanged, and an import into a store a
+//! gantry process serves is refused with exit 2.
 
 mod common;
 

@@ -985,32 +985,39 @@ impl Dockerd {
             .kill_on_drop(true)
             .spawn()
             .expect("dockerd starts");
-        let mut this = Self {
+        Self {
             daemon: Daemon { child },
             containerd,
             dir,
             socket,
             etc_docker,
-        };
+        }
+        .answering()
+        .await
+    }
+
+    /// Waits for the started daemon to answer `/_ping`; panics with its logs if it exits or
+    /// stays silent for `START_TIMEOUT`.
+    async fn answering(mut self) -> Self {
         let started = Instant::now();
         while started.elapsed() < START_TIMEOUT {
-            if let Some(status) = this.daemon.exited() {
-                panic!("dockerd exited ({status})\n{}", this.logs());
+            if let Some(status) = self.daemon.exited() {
+                panic!("dockerd exited ({status})\n{}", self.logs());
             }
             if unix_socket_answers(
-                &this.socket,
+                &self.socket,
                 Some(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n"),
                 "OK",
             )
             .await
             {
-                return this;
+                return self;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!(
             "dockerd did not answer /_ping within {START_TIMEOUT:?}\n{}",
-            this.logs()
+            self.logs()
         );
     }
 
@@ -1294,32 +1301,14 @@ impl Dockerd {
             .kill_on_drop(true)
             .spawn()
             .expect("dockerd starts");
-        let mut this = Self {
+        Self {
             daemon: Daemon { child },
             containerd,
             dir,
             socket,
             etc_docker: None,
-        };
-        let started = Instant::now();
-        while started.elapsed() < START_TIMEOUT {
-            if let Some(status) = this.daemon.exited() {
-                panic!("dockerd exited ({status})\n{}", this.logs());
-            }
-            if unix_socket_answers(
-                &this.socket,
-                Some(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n"),
-                "OK",
-            )
-            .await
-            {
-                return this;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!(
-            "dockerd did not answer /_ping within {START_TIMEOUT:?}\n{}",
-            this.logs()
-        );
+        .answering()
+        .await
     }
 }
