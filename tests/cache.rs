@@ -25,7 +25,8 @@ const BLOB_MISSES: &str = r#"gantry_cache_lookups_total{kind="blob",outcome="mis
 /// Each blob is held at the upstream until all eight pulls have asked for it, so the pulls
 /// provably overlap: without the single flight each would make its own upstream GET. skopeo
 /// copies the blobs of a `dir:` image one at a time, so the gates open one by one, in the order
-/// the pulls ask.
+/// the pulls ask. Prefetch is off: it would start every download before any pull asks, and this
+/// counts the clients' own joins (tests/prefetch.rs has the clients following prefetches).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_cold_pulls_fetch_each_blob_once() {
     if !require_tools(&["docker-registry", "skopeo"]) {
@@ -33,7 +34,15 @@ async fn eight_concurrent_cold_pulls_fetch_each_blob_once() {
     }
     const PULLS: usize = 8;
     let fixture = Fixture::start().await;
-    let gantry = Gantry::start(&fixture.proxy.url()).await;
+    let gantry = Gantry::start_with(
+        tempfile::tempdir().unwrap(),
+        &fixture.proxy.url(),
+        Options {
+            mirroring: "  prefetch: false",
+            ..Options::default()
+        },
+    )
+    .await;
     let gates: Vec<_> = fixture
         .multi
         .blobs()

@@ -431,8 +431,10 @@ async fn a_peer_follows_a_download_in_progress_from_its_first_bytes() {
     let fixture = Fixture::start().await;
     let redis = RedisServer::start().await;
     let extra = cluster_options(&redis);
+    // Prefetch off: the manifest below would start the layer's download before the client does.
     let options = Options {
         extra: &extra,
+        mirroring: "  prefetch: false",
         ..Options::default()
     };
     let gantry =

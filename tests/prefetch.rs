@@ -11,12 +11,15 @@ use common::metrics::{sample, value};
 use common::{blob_path, http_get, pull, require_tools, wait_until, Fixture, Gantry, Options};
 
 const STARTED: &str = r#"gantry_prefetch_total{result="started"}"#;
-/// Prefetch is off by default (see `config::Mirroring::prefetch`); these tests turn it on.
-const PREFETCH_ON: &str = "  prefetch: true";
 const BUSY: &str = r#"gantry_prefetch_total{result="busy"}"#;
 const IMAGE_ACCEPT: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 const INDEX_ACCEPT: &str = "application/vnd.oci.image.index.v1+json";
+
+/// A gantry in front of the fixture's upstream, prefetch on as by default unless `options` say.
+async fn start(fixture: &Fixture, options: Options<'_>) -> Gantry {
+    Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await
+}
 
 fn store(gantry: &Gantry) -> std::path::PathBuf {
     gantry.dir.path().join("store")
@@ -48,15 +51,7 @@ async fn a_fetched_manifest_prefetches_its_config_and_layers() {
         return;
     }
     let fixture = Fixture::start().await;
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &fixture.proxy.url(),
-        Options {
-            mirroring: PREFETCH_ON,
-            ..Options::default()
-        },
-    )
-    .await;
+    let gantry = start(&fixture, Options::default()).await;
     let blobs = fixture.multi.blobs();
     assert!(stored(&store(&gantry), &blobs).is_empty());
 
@@ -96,6 +91,33 @@ async fn a_fetched_manifest_prefetches_its_config_and_layers() {
     gantry.stop().await;
 }
 
+/// Blobs a pull found prefetched (on disk, or in flight and followed) are linked to the
+/// repository like the ones it fetched itself: the next pull of every platform makes no upstream
+/// request at all. (A platform manifest linked by its index used to skip linking its own layers,
+/// which only the client's own blob GETs then linked: a client following a prefetch left them
+/// unlinked, and the next pull sent one upstream HEAD per such blob.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_blobs_are_linked_to_the_repository() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let gantry = start(&fixture, Options::default()).await;
+    let image = format!("{}/test/index:idx", gantry.host());
+    pull(&image, true).await.1.expect("the first pull");
+    gantry.settled().await;
+    assert!(
+        value(&gantry.metrics().await, STARTED) > 0.0,
+        "the first pull followed prefetches"
+    );
+
+    fixture.proxy.clear();
+    pull(&image, true).await.1.expect("the second pull");
+    let seen: Vec<String> = fixture.proxy.seen().into_iter().map(|s| s.path).collect();
+    assert!(seen.is_empty(), "no upstream request: {seen:?}");
+    gantry.stop().await;
+}
+
 /// With `mirroring.prefetch: false` the same manifest fetch downloads nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_off_leaves_the_layers_upstream() {
@@ -103,9 +125,8 @@ async fn prefetch_off_leaves_the_layers_upstream() {
         return;
     }
     let fixture = Fixture::start().await;
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &fixture.proxy.url(),
+    let gantry = start(
+        &fixture,
         Options {
             mirroring: "  prefetch: false",
             ..Options::default()
@@ -132,15 +153,7 @@ async fn an_index_prefetches_nothing() {
         return;
     }
     let fixture = Fixture::start().await;
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &fixture.proxy.url(),
-        Options {
-            mirroring: PREFETCH_ON,
-            ..Options::default()
-        },
-    )
-    .await;
+    let gantry = start(&fixture, Options::default()).await;
     get_manifest(&gantry, "test/index", "idx", INDEX_ACCEPT).await;
     assert_eq!(sample(&gantry.metrics().await, STARTED), None);
     gantry.settled().await;
@@ -172,11 +185,9 @@ async fn prefetches_leave_half_the_download_slots_to_clients() {
         return;
     }
     let fixture = Fixture::start().await;
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &fixture.proxy.url(),
+    let gantry = start(
+        &fixture,
         Options {
-            mirroring: PREFETCH_ON,
             extra: "limits:\n  max_downloads: 4",
             ..Options::default()
         },

@@ -655,6 +655,8 @@ async fn refresh_tag_now_shows_a_retag_inside_the_ttl_and_forget_tag_sends_the_n
         );
         value(&gantry.metrics().await, &series)
     };
+    // The refresh fetched a new image manifest, whose blobs are prefetched: their GETs count too.
+    gantry.settled().await;
     let before = upstream_gets().await;
     assert_eq!(
         get_tag(&gantry, "test/retag:v1", ACCEPT_ALL).await.status,

@@ -145,7 +145,6 @@ pub struct Mirroring {
     pub rate_limit_reserve: Reserve,
     /// Starts downloading an image's config and layers when its manifest is fetched upstream,
     /// at the lowest priority, so the client's blob requests find them on disk or in flight.
-    /// Off by default until prefetched blobs keep their repository links (docs/ARCHITECTURE.md).
     pub prefetch: bool,
 }
 
@@ -458,7 +457,7 @@ impl Default for Mirroring {
             public: false,
             offline: false,
             rate_limit_reserve: Reserve::default(),
-            prefetch: false,
+            prefetch: true,
         }
     }
 }

@@ -66,13 +66,16 @@ impl Mirror {
     }
 
     /// A manifest served under a repository links it there, with everything it references: the
-    /// platform manifests of an index, the config and layers of an image. Once linked, this is a
-    /// single lookup.
+    /// platform manifests of an index, the config and layers of an image. Once its references
+    /// are linked, this is a single lookup. The manifest's own link is not enough to skip it: an
+    /// index links its platform manifests before they are read, and a platform manifest skipped
+    /// that way would leave its layers unlinked (each then confirmed with the upstream when
+    /// asked for, and never linked at all when the client follows a prefetch's download).
     pub(super) async fn link_manifest(&self, target: &Target, manifest: &Manifest) {
         let registry = target.registry.upstream.name();
         if self
             .store
-            .is_linked(&manifest.digest, registry, target.repo.as_str())
+            .references_linked(&manifest.digest, registry, target.repo.as_str())
         {
             return;
         }
@@ -87,7 +90,11 @@ impl Mirror {
                 tracing::debug!(digest = %manifest.digest, %error, "a manifest whose references cannot be read")
             }
         }
-        self.link(target, digests).await;
+        let repository = repository_key(target);
+        self.tags.share_links(&digests, &repository).await;
+        self.store
+            .link_manifest(&manifest.digest, digests, &repository)
+            .await;
     }
 
     /// Cached content asked for under a repository not known to reference it: the upstream

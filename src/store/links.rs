@@ -24,6 +24,12 @@ type Repositories = Vec<Arc<str>>;
 pub struct Links {
     root: PathBuf,
     linked: RwLock<HashMap<Digest, Repositories>>,
+    /// Manifests whose references were linked under a repository by this process. Not the same
+    /// as the manifest's own link: an index links its platform manifests before anyone has read
+    /// them, so a linked manifest may have references no one linked yet. In memory only: after a
+    /// restart, the first time each manifest is served its references are linked again (known
+    /// ones cost nothing).
+    expanded: RwLock<HashMap<Digest, Repositories>>,
     /// Entries a gantry without links had cached (found when a store first gets `links/`): no one
     /// knows which repositories reference them, and refusing them would break offline pulls from
     /// an upgraded store, so they are served under any repository until they leave the store.
@@ -78,6 +84,7 @@ impl Links {
         Ok(Self {
             root: root.to_owned(),
             linked: RwLock::new(linked),
+            expanded: RwLock::new(HashMap::new()),
             legacy: RwLock::new(legacy),
         })
     }
@@ -105,22 +112,27 @@ impl Links {
     /// Whether `<registry>/<repository>` references `digest`; compares in place, allocating
     /// nothing (this runs on every warm request).
     pub fn contains(&self, digest: &Digest, registry: &str, repository: &str) -> bool {
-        let names = |linked: &str| {
-            linked.len() == registry.len() + 1 + repository.len()
-                && linked.starts_with(registry)
-                && linked.as_bytes()[registry.len()] == b'/'
-                && linked.ends_with(repository)
-        };
-        let linked = self.linked.read().unwrap_or_else(|e| e.into_inner());
-        if linked
-            .get(digest)
-            .is_some_and(|repositories| repositories.iter().any(|r| names(r)))
-        {
+        if names_in(&self.linked, digest, registry, repository) {
             return true;
         }
-        drop(linked);
         let legacy = self.legacy.read().unwrap_or_else(|e| e.into_inner());
         !legacy.is_empty() && legacy.contains(digest)
+    }
+
+    /// Whether the references of manifest `digest` were linked under `<registry>/<repository>`
+    /// (see [`Links::expanded`]).
+    pub fn expanded(&self, digest: &Digest, registry: &str, repository: &str) -> bool {
+        names_in(&self.expanded, digest, registry, repository)
+    }
+
+    /// Records that the references of manifest `digest` are linked under `repository`; call it
+    /// once they are.
+    pub fn mark_expanded(&self, digest: &Digest, repository: &str) {
+        let mut expanded = self.expanded.write().unwrap_or_else(|e| e.into_inner());
+        let repositories = expanded.entry(digest.clone()).or_default();
+        if !repositories.iter().any(|r| &**r == repository) {
+            repositories.push(Arc::from(repository));
+        }
     }
 
     /// Records that `repository` references `digest`; `false` if it was known already. The line
@@ -159,6 +171,10 @@ impl Links {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(digest);
+        self.expanded
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
         let had = self
             .linked
             .write()
@@ -169,6 +185,25 @@ impl Links {
             let _ = std::fs::remove_file(self.path(digest));
         }
     }
+}
+
+/// Whether `map` holds `<registry>/<repository>` for `digest`, compared in place.
+fn names_in(
+    map: &RwLock<HashMap<Digest, Repositories>>,
+    digest: &Digest,
+    registry: &str,
+    repository: &str,
+) -> bool {
+    let names = |linked: &str| {
+        linked.len() == registry.len() + 1 + repository.len()
+            && linked.starts_with(registry)
+            && linked.as_bytes()[registry.len()] == b'/'
+            && linked.ends_with(repository)
+    };
+    map.read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(digest)
+        .is_some_and(|repositories| repositories.iter().any(|r| names(r)))
 }
 
 #[cfg(test)]
@@ -220,6 +255,22 @@ mod tests {
         assert!(!Links::open(&root, |d| *d != old)
             .unwrap()
             .contains(&old, "docker.io", "x"));
+
+        // A manifest's own link does not say its references are linked; that is recorded apart,
+        // in memory only, and leaves with the manifest.
+        let manifest = digest(4);
+        again.insert(&manifest, "docker.io/library/big");
+        assert!(!again.expanded(&manifest, "docker.io", "library/big"));
+        again.mark_expanded(&manifest, "docker.io/library/big");
+        assert!(again.expanded(&manifest, "docker.io", "library/big"));
+        assert!(!again.expanded(&manifest, "docker.io", "library/small"));
+        assert!(!Links::open(&root, |_| true).unwrap().expanded(
+            &manifest,
+            "docker.io",
+            "library/big"
+        ));
+        again.remove(&manifest);
+        assert!(!again.expanded(&manifest, "docker.io", "library/big"));
 
         // Links of content the store no longer holds are dropped at start-up, files and all.
         let pruned = Links::open(&root, |d| *d != b).unwrap();

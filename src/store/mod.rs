@@ -436,15 +436,44 @@ impl Store {
         self.links.contains(digest, registry, repository)
     }
 
+    /// Whether the references of manifest `digest` are linked under `repository` of `registry`
+    /// (a linked manifest's own references may not be: an index links its platform manifests).
+    pub fn references_linked(&self, digest: &Digest, registry: &str, repository: &str) -> bool {
+        self.links.expanded(digest, registry, repository)
+    }
+
     /// Records that `repository` (`<registry>/<repository>`) references each of `digests`,
-    /// durably; returns once the links
-    /// hold in memory and are written.
+    /// durably; returns once the links hold in memory and are written.
     pub async fn link(self: &Arc<Self>, digests: Vec<Digest>, repository: &str) {
+        self.link_all(digests, repository, None).await;
+    }
+
+    /// [`Store::link`] for a manifest and its references (`digests`), then records that its
+    /// references are linked ([`Store::references_linked`]).
+    pub async fn link_manifest(
+        self: &Arc<Self>,
+        manifest: &Digest,
+        digests: Vec<Digest>,
+        repository: &str,
+    ) {
+        self.link_all(digests, repository, Some(manifest.clone()))
+            .await;
+    }
+
+    async fn link_all(
+        self: &Arc<Self>,
+        digests: Vec<Digest>,
+        repository: &str,
+        expanded: Option<Digest>,
+    ) {
         let store = Arc::clone(self);
         let repository = repository.to_owned();
         let written = tokio::task::spawn_blocking(move || {
             for digest in &digests {
                 store.links.insert(digest, &repository);
+            }
+            if let Some(manifest) = expanded {
+                store.links.mark_expanded(&manifest, &repository);
             }
         })
         .await;
