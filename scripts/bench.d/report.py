@@ -24,6 +24,15 @@ METRICS = [
     ("tag_cpu_us", "warm manifest by tag: server CPU per request", "µs", "lower"),
     ("tag_instructions", "warm manifest by tag: instructions per request (callgrind)", "", "lower"),
     ("blob1m_instructions", "warm 1 MiB blob GET: instructions per request (callgrind)", "", "lower"),
+    ("h2_tag_h2c_rps", "manifest by tag over h2c ({h2})", "req/s", "higher"),
+    ("h2_blob1m_h2c_rps", "1 MiB blob over h2c ({h2})", "req/s", "higher"),
+    ("h2_tag_tls_rps", "manifest by tag over TLS h2 ({h2})", "req/s", "higher"),
+    ("h2_blob1m_tls_rps", "1 MiB blob over TLS h2 ({h2})", "req/s", "higher"),
+    ("h2_tag_h2c_cpu_us", "manifest by tag over h2c: server CPU per request", "µs", "lower"),
+    ("h2_blob1m_h2c_cpu_us", "1 MiB blob over h2c: server CPU per request", "µs", "lower"),
+    ("h2_tag_tls_cpu_us", "manifest by tag over TLS h2: server CPU per request", "µs", "lower"),
+    ("h2_blob1m_tls_cpu_us", "1 MiB blob over TLS h2: server CPU per request", "µs", "lower"),
+    ("idle_conns_rss_mib", "RSS added by {idle_conns} idle keep-alive connections", "MiB", "lower"),
     ("tag_upstream_per_1000", "upstream requests per 1,000 tag requests", "", "lower"),
     ("rss_cold_mib", "peak RSS through the cold pull", "MiB", "lower"),
     ("rss_warm_mib", "peak RSS through cold pull + warm load", "MiB", "lower"),
@@ -105,6 +114,17 @@ def targets(meta, peers):
         r = ratio(g.get(key), n.get(key))
         add(label, "—" if r is None else f"{r:.2f}x ({fmt(g.get(key))} vs {fmt(n.get(key))})",
             None if r is None else r >= want)
+    for key, label in (("h2_tag_h2c_rps", "manifest by tag over h2c req/s >= 1.0x nginx"),
+                       ("h2_blob1m_h2c_rps", "1 MiB blob over h2c req/s >= 1.0x nginx"),
+                       ("h2_tag_tls_rps", "manifest by tag over TLS h2 req/s >= 1.0x nginx"),
+                       ("h2_blob1m_tls_rps", "1 MiB blob over TLS h2 req/s >= 1.0x nginx")):
+        r = ratio(g.get(key), n.get(key))
+        add(label, "—" if r is None else f"{r:.2f}x ({fmt(g.get(key))} vs {fmt(n.get(key))})",
+            None if r is None else r >= 1.0)
+    v = g.get("idle_conns_rss_mib")
+    add(f"{meta.get('idle_conns', 1000)} idle connections add <= 16 MiB of gantry RSS",
+        "—" if v is None else f"{fmt(v)} MiB (nginx {fmt(n.get('idle_conns_rss_mib'))} MiB)",
+        None if v is None else v <= 16)
     r = ratio(g.get("tag_rps"), d.get("tag_rps"))
     add("manifest-by-tag req/s >= 50x distribution",
         "—" if r is None else f"{r:.1f}x ({fmt(g.get('tag_rps'))} vs {fmt(d.get('tag_rps'))})",
@@ -125,6 +145,8 @@ def markdown(meta, peers, rows, order):
         "image_mib": round(meta.get("image_bytes", 0) / 2**20),
         "big_mib": round(meta.get("big_blob_bytes", 0) / 2**20),
         "huge_mib": round(meta.get("huge_blob_bytes", 0) / 2**20),
+        "h2": meta.get("h2", "?"),
+        "idle_conns": meta.get("idle_conns", "?"),
     }
     head = ["metric", "unit"] + order + [f"gantry vs {p}" for p in others if "gantry" in order]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -205,6 +227,8 @@ def chart(meta, peers, order, path):
         "image_mib": round(meta.get("image_bytes", 0) / 2**20),
         "big_mib": round(meta.get("big_blob_bytes", 0) / 2**20),
         "huge_mib": round(meta.get("huge_blob_bytes", 0) / 2**20),
+        "h2": meta.get("h2", "?"),
+        "idle_conns": meta.get("idle_conns", "?"),
     }
     shown = [m for m in METRICS if any(isinstance(peers.get(p, {}).get(m[0]), (int, float)) for p in order)]
     cols = 3

@@ -18,6 +18,8 @@ METRICS = [
     ("cold1_upstream_requests", "cold pull, 1 client: upstream requests", "", "lower"),
     ("cold1_upstream_blob_gets", "cold pull, 1 client: upstream blob GETs ({blobs} blobs)", "", "lower"),
     ("cold1_upstream_mib", "cold pull, 1 client: upstream MiB (image {mib} MiB)", "MiB", "lower"),
+    ("seq1_wall_s", "cold pull, 1 client fetching one blob at a time: wall time", "s", "lower"),
+    ("seq1_upstream_blob_gets", "cold pull, one blob at a time: upstream blob GETs", "", "lower"),
     ("cold8_wall_s", "cold pull, {clients} clients: wall time", "s", "lower"),
     ("cold8_upstream_requests", "cold pull, {clients} clients: upstream requests", "", "lower"),
     ("cold8_upstream_blob_gets", "cold pull, {clients} clients: upstream blob GETs", "", "lower"),

@@ -11,7 +11,8 @@
 # network is touched. Per peer, each with its own upstream process (whose access log counts what
 # that peer asked):
 #   cold1   a cold pull of the 10-layer image by 1 skopeo client: wall time, upstream requests/bytes;
-#   cold8   the same by BENCH_CLIENTS (8) clients at once, on a fresh peer with an empty cache;
+#   seq1    a fresh peer, one client (curl) that fetches the manifest, then each blob in turn;
+#   cold8   cold1 by BENCH_CLIENTS (8) clients at once, on a fresh peer with an empty cache;
 #   tags    one tag that no one asked for yet, GET by the Accept headers of dockerd, containerd and
 #           skopeo, one after the other inside the TTL: upstream manifest GETs;
 #   break   a fresh peer behind a fault proxy in the upstream's namespace (wan-break.py) that
@@ -266,6 +267,32 @@ cold_pulls() {
   say "  $peer $key ($n client(s)): $wall s; upstream $up"
 }
 
+# sequential_pull PEER KEY: a client that leaves the link idle between blobs, as dockerd with
+# `max-concurrent-downloads: 1` does: the manifest, then the config and each layer one after the
+# other on one connection (curl), each in full before the next is asked for. Where prefetch helps.
+sequential_pull() {
+  local peer=$1 key=$2 mark t0 t1 base manifest up wall args=() digest
+  sample_quiet
+  mark=$(mark_of "$peer")
+  base=http://127.0.0.1:${PORT_OF[$peer]}/v2/bench/big
+  t0=$(now)
+  manifest=$(curl -sf --max-time "$STEP_TIMEOUT" -H "Accept: application/vnd.oci.image.manifest.v1+json" \
+    "$base/manifests/v1") || die "$key: the manifest from $peer"
+  for digest in $($PY -c "
+import json, sys
+m = json.loads(sys.argv[1])
+print(' '.join([m['config']['digest']] + [l['digest'] for l in m['layers']]))" "$manifest"); do
+    args+=(-o /dev/null "$base/blobs/$digest")
+  done
+  timeout "$STEP_TIMEOUT" curl -sfL "${args[@]}" || die "$key: a blob from $peer failed"
+  t1=$(now)
+  up=$(upstream_count "$peer" "$mark")
+  wall=$(elapsed "$t0" "$t1")
+  wrecord "$peer" "${key}_wall_s" "$wall"
+  wrecord "$peer" "${key}_upstream_blob_gets" "$(json_get "$up" blob_gets)"
+  say "  $peer $key (1 client, one blob at a time): $wall s; upstream $up"
+}
+
 # The Accept headers of the three clients' manifest GET by tag: dockerd (moby's distribution
 # client, one header per type), containerd (its resolver) and skopeo (containers/image).
 ACCEPT_DOCKERD=(-H "Accept: application/vnd.docker.distribution.manifest.v2+json"
@@ -413,6 +440,9 @@ for peer in "${PEER_LIST[@]}"; do
   wan_upstream "$peer" "$n"
   wan_peer_up "$peer"
   cold_pulls "$peer" 1 cold1
+  stop_peer "$peer"
+  wan_peer_up "$peer"
+  sequential_pull "$peer" seq1
   stop_peer "$peer"
   wan_peer_up "$peer"
   cold_pulls "$peer" "$CLIENTS" cold8

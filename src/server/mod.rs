@@ -131,9 +131,11 @@ pub async fn serve(app: App) -> Result<Running, StartError> {
         let api = api.clone();
         let metrics = Arc::clone(&api_metrics);
         let limiter = limiter.clone();
-        async move {
+        // Boxed: hyper keeps room for one in-flight request future in every connection, idle or
+        // not, and this one is ~8 KiB; boxed, an idle connection holds a pointer instead.
+        Box::pin(async move {
             Ok::<_, Infallible>(logged(&api, &metrics, limiter.as_deref(), peer, request).await)
-        }
+        })
     };
     let mut tasks = vec![tokio::spawn(accept_loop(
         listener,
