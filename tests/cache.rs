@@ -34,15 +34,7 @@ async fn eight_concurrent_cold_pulls_fetch_each_blob_once() {
     }
     const PULLS: usize = 8;
     let fixture = Fixture::start().await;
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &fixture.proxy.url(),
-        Options {
-            mirroring: "  prefetch: false",
-            ..Options::default()
-        },
-    )
-    .await;
+    let gantry = Gantry::start_without_prefetch(&fixture.proxy.url()).await;
     let gates: Vec<_> = fixture
         .multi
         .blobs()

@@ -434,7 +434,7 @@ async fn a_peer_follows_a_download_in_progress_from_its_first_bytes() {
     // Prefetch off: the manifest below would start the layer's download before the client does.
     let options = Options {
         extra: &extra,
-        mirroring: "  prefetch: false",
+        mirroring: common::NO_PREFETCH,
         ..Options::default()
     };
     let gantry =

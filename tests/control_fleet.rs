@@ -259,7 +259,7 @@ async fn a_purge_racing_a_pull_leaves_verified_bytes_or_a_clean_failure_and_noth
     // what tells the blobs the purge must take from those a request after it caches anew (a
     // prefetch asks for every blob at once, before the client asks for any).
     let options = Options {
-        mirroring: "  prefetch: false",
+        mirroring: common::NO_PREFETCH,
         ..Options::default()
     };
     let gantry = Operated::start(dir.path(), &fixture.proxy.url(), options).await;

@@ -3,7 +3,7 @@
 mod common;
 
 use common::metrics::{sample, value};
-use common::{http_get, pull, require_tools, Fixture, Gantry, Options};
+use common::{http_get, pull, require_tools, Fixture, Gantry};
 use http::StatusCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -14,15 +14,7 @@ async fn counters_follow_a_cold_then_a_warm_pull() {
     let fixture = Fixture::start().await;
     // Prefetch off: with it, whether a blob request misses or hits depends on whether the
     // prefetch committed first, and this counts them exactly.
-    let gantry = Gantry::start_with(
-        tempfile::tempdir().unwrap(),
-        &fixture.proxy.url(),
-        Options {
-            mirroring: "  prefetch: false",
-            ..Options::default()
-        },
-    )
-    .await;
+    let gantry = Gantry::start_without_prefetch(&fixture.proxy.url()).await;
     let blobs = fixture.multi.blobs().len() as f64;
     let layer_bytes: u64 = fixture.multi.layers.iter().map(|(_, size)| size).sum();
     let reference = format!("{}/test/multi:v1", gantry.host());

@@ -128,7 +128,7 @@ async fn prefetch_off_leaves_the_layers_upstream() {
     let gantry = start(
         &fixture,
         Options {
-            mirroring: "  prefetch: false",
+            mirroring: common::NO_PREFETCH,
             ..Options::default()
         },
     )

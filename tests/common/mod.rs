@@ -193,6 +193,9 @@ pub struct Gantry {
     pub dir: TempDir,
 }
 
+/// `mirroring:` lines turning prefetch off (it is on by default).
+pub const NO_PREFETCH: &str = "  prefetch: false";
+
 /// Lines added to the harness's YAML config, each indented for its section.
 #[derive(Clone, Copy, Default)]
 pub struct Options<'a> {
@@ -215,6 +218,20 @@ impl Gantry {
             tempfile::tempdir().unwrap(),
             upstream_url,
             Options::default(),
+        )
+        .await
+    }
+
+    /// [`Gantry::start`] with `mirroring.prefetch: false`, for tests that count a client's own
+    /// blob requests (misses, joins, upstream GETs) and would see prefetches among them.
+    pub async fn start_without_prefetch(upstream_url: &str) -> Self {
+        Self::start_with(
+            tempfile::tempdir().unwrap(),
+            upstream_url,
+            Options {
+                mirroring: NO_PREFETCH,
+                ..Options::default()
+            },
         )
         .await
     }
