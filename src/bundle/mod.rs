@@ -1,7 +1,8 @@
 //! Bundles: cached images carried between mirrors as OCI image-layout tar files, for networks
 //! that cannot reach an upstream ([docs/bundles.md](../../docs/bundles.md)).
 //!
-//! `gantry export` ([`export`]) reads images from a store offline and writes a standard layout
+//! `gantry export` ([`export`]) reads images from a store offline, or through a running mirror
+//! ([`remote`], `--mirror`), and [`writer`] writes a standard layout
 //! (`oci-layout`, `index.json`, `blobs/sha256/…`) that skopeo, podman and docker load, plus
 //! `gantry-bundle.json`, which says which registry and repository each image came from: a
 //! layout's own names cannot carry that. `gantry import` ([`import`]) checks a whole bundle before
@@ -14,12 +15,15 @@ pub mod export;
 pub mod import;
 pub mod layout;
 mod names;
+mod remote;
+mod writer;
 
 use std::path::PathBuf;
 
 pub use export::{export, ExportRequest, Exported};
 pub use import::{import, Imported};
 pub use names::Names;
+pub use remote::export_through;
 
 use crate::store::lock::LockError;
 use crate::store::StoreError;
