@@ -81,7 +81,8 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
 /// (the registry) is returned so the test decides when it goes away.
 struct Exported {
     fixture: Fixture,
-    _a: TempDir,
+    /// A's stopped store and its config (`gantry.yaml`), for further exports.
+    a: TempDir,
     work: TempDir,
     bundle: PathBuf,
     /// The upstream's URL (B names the same upstream, as an isolated twin of A would).
@@ -115,7 +116,7 @@ async fn exported(images: &[&str]) -> Exported {
     assert!(output.status.success(), "export failed:\n{}", text(&output));
     Exported {
         fixture,
-        _a: a_dir,
+        a: a_dir,
         work,
         bundle,
         upstream,
@@ -203,7 +204,7 @@ async fn an_exported_bundle_loads_in_skopeo_and_podman_and_imports_into_an_offli
         bundle,
         upstream,
         work,
-        _a,
+        a: _a,
     } = exported;
     let Fixture {
         registry,
@@ -974,7 +975,7 @@ async fn all_cached_exports_every_cached_tag() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn docker_load_reads_bundles_of_an_index() {
+async fn docker_load_and_ctr_import_read_bundles_of_an_index() {
     if !require_tools(DOCKER_TOOLS) {
         return;
     }
@@ -999,7 +1000,7 @@ async fn docker_load_reads_bundles_of_an_index() {
     let output = gantry(&[
         "export",
         "--config",
-        exported._a.path().join("gantry.yaml").to_str().unwrap(),
+        exported.a.path().join("gantry.yaml").to_str().unwrap(),
         "-o",
         arm64.to_str().unwrap(),
         "--platform",
@@ -1015,5 +1016,36 @@ async fn docker_load_reads_bundles_of_an_index() {
     assert!(load.ok, "{}\n{}", load.text(), dockerd.logs());
     let index = dockerd.inspect(&format!("{host}/test/index:idx")).await;
     assert_eq!(index["Id"], fixture.platforms[1].config_digest.as_str());
-    trap.assert_untouched("docker load");
+
+    // containerd's import (what `docker load` runs on the containerd image store, which this
+    // dockerd does not have) names images by `io.containerd.image.name`, every platform kept.
+    let import = dockerd
+        .containerd
+        .ctr(
+            &[
+                "images",
+                "import",
+                "--all-platforms",
+                exported.bundle.to_str().unwrap(),
+            ],
+            &trap,
+        )
+        .await;
+    assert!(import.ok, "{}", import.text());
+    for (name, digest) in [
+        ("test/index:idx", &fixture.index_digest),
+        ("test/multi:v1", &fixture.multi.manifest_digest),
+    ] {
+        let reference = format!("{host}/{name}");
+        assert_eq!(
+            dockerd
+                .containerd
+                .image_digest(&reference, &trap)
+                .await
+                .as_deref(),
+            Some(digest.as_str()),
+            "{reference}"
+        );
+    }
+    trap.assert_untouched("docker load, ctr import");
 }

@@ -8,8 +8,8 @@
 //! layout's own names cannot carry that. `gantry import` ([`import`]) checks a whole bundle before
 //! touching the store (names, digests, references, tags), then copies it in through the store's
 //! verifying writer and records links and catalogue entries, so the imported images are served
-//! exactly like pulled ones. Both refuse to run while a gantry serves the same store (see
-//! [`crate::store::lock`]).
+//! exactly like pulled ones. Both refuse to open a store a gantry serves (see
+//! [`crate::store::lock`]); `export --mirror` reads through the serving gantry instead.
 
 pub mod export;
 pub mod import;
