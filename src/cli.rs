@@ -258,49 +258,56 @@ pub fn warm(
 /// `import` found a gantry serving the store: nothing was read or written.
 pub const EXIT_STORE_SERVED: u8 = 2;
 
+/// `gantry export`: from the store of `config_path` (offline), or through the running mirror at
+/// `mirror`; the two are exclusive.
 pub fn export(
     config_path: Option<&Path>,
+    mirror: Option<&str>,
     output: &Path,
     platforms: Vec<String>,
     all_cached: bool,
     images: Vec<String>,
 ) -> ExitCode {
-    let config = match load(config_path) {
-        Ok(config) => config,
-        Err(code) => return code,
+    let usage = |message: &str| {
+        eprintln!("gantry: export: {message}");
+        ExitCode::from(EXIT_CONFIG)
     };
-    if images.is_empty() && !all_cached {
-        eprintln!("gantry: export: name at least one image (or --all-cached)");
-        return ExitCode::from(EXIT_CONFIG);
+    if mirror.is_some() && config_path.is_some() {
+        return usage(
+            "--mirror and --config exclude each other: --config reads a store (offline), \
+             --mirror reads through a running mirror",
+        );
     }
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    // Reads only; a server may hold the store meanwhile, but its tmp/ would be emptied by
-    // Store::open, so the export refuses as import does.
-    let _lock = match crate::store::lock::lock(&config.storage.path) {
-        Ok(lock) => lock,
-        Err(error) => {
-            eprintln!("gantry: export: {error}");
-            return ExitCode::from(EXIT_STORE_SERVED);
-        }
-    };
+    if mirror.is_some() && all_cached {
+        return usage("--all-cached needs --config (it lists the store's catalogue), not --mirror");
+    }
+    if images.is_empty() && !all_cached {
+        return usage("name at least one image (or --all-cached)");
+    }
     let request = crate::bundle::ExportRequest {
         images,
         all_cached,
         platforms,
         output: output.to_owned(),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let names = crate::bundle::Names::new(&config);
-    let result = runtime.block_on(async {
-        let store = Store::open(
-            &config.storage.path,
-            StoreOptions::from_config(&config.storage),
-            Arc::new(Metrics::new()),
-        )?;
-        crate::bundle::export(&store, &names, &request).await
-    });
+    let result = match mirror {
+        Some(mirror) => {
+            let mirror = match crate::config::BaseUrl::parse(mirror) {
+                Ok(mirror) => mirror,
+                Err(error) => return usage(&format!("--mirror: {error}")),
+            };
+            let runtime = match runtime() {
+                Ok(runtime) => runtime,
+                Err(code) => return code,
+            };
+            runtime.block_on(crate::bundle::export_through(mirror, &request))
+        }
+        None => match export_store(config_path, &request) {
+            Ok(result) => result,
+            Err(code) => return code,
+        },
+    };
     match result {
         Ok(exported) => {
             for image in &exported.images {
@@ -331,6 +338,30 @@ pub fn export(
             ExitCode::FAILURE
         }
     }
+}
+
+/// The store-based export: the store opened under its lock.
+fn export_store(
+    config_path: Option<&Path>,
+    request: &crate::bundle::ExportRequest,
+) -> Result<Result<crate::bundle::Exported, crate::bundle::BundleError>, ExitCode> {
+    let config = load(config_path)?;
+    let runtime = runtime()?;
+    // Reads only; a server may hold the store meanwhile, but its tmp/ would be emptied by
+    // Store::open, so the export refuses as import does.
+    let _lock = crate::store::lock::lock(&config.storage.path).map_err(|error| {
+        eprintln!("gantry: export: {error} (or export through it with --mirror URL)");
+        ExitCode::from(EXIT_STORE_SERVED)
+    })?;
+    let names = crate::bundle::Names::new(&config);
+    Ok(runtime.block_on(async {
+        let store = Store::open(
+            &config.storage.path,
+            StoreOptions::from_config(&config.storage),
+            Arc::new(Metrics::new()),
+        )?;
+        crate::bundle::export(&store, &names, request).await
+    }))
 }
 
 pub fn import(config_path: Option<&Path>, bundles: &[std::path::PathBuf]) -> ExitCode {

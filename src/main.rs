@@ -138,20 +138,26 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
-    /// Write cached images from the store (offline) into an OCI image-layout tar.
+    /// Write images into an OCI image-layout tar: cached ones from the store (offline,
+    /// --config), or any through a running mirror (--mirror), which pulls what it lacks.
     ///
     /// skopeo (`oci-archive:`), `podman load` and `docker load` read it; `gantry import` puts it
     /// into another mirror's store.
     Export {
+        /// Read the store of this config (no gantry may be serving it).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Read through the running mirror at this URL instead of a store, e.g.
+        /// http://127.0.0.1:5000 (an image without a registry host is Docker Hub's).
+        #[arg(long)]
+        mirror: Option<String>,
         /// The bundle to write (replaced only once it is complete).
         #[arg(long, short)]
         output: PathBuf,
         /// Only these platforms of a multi-platform image (os/arch[/variant]); all when absent.
         #[arg(long)]
         platform: Vec<String>,
-        /// Every tag the store holds.
+        /// Every tag the store holds (with --config).
         #[arg(long)]
         all_cached: bool,
         /// Image references: alpine:3.20, ghcr.io/owner/app:v1, redis@sha256:…
@@ -194,11 +200,19 @@ fn main() -> ExitCode {
         Command::Gc { config, verify } => cli::gc(config.as_deref(), verify),
         Command::Export {
             config,
+            mirror,
             output,
             platform,
             all_cached,
             images,
-        } => cli::export(config.as_deref(), &output, platform, all_cached, images),
+        } => cli::export(
+            config.as_deref(),
+            mirror.as_deref(),
+            &output,
+            platform,
+            all_cached,
+            images,
+        ),
         Command::Import { config, bundles } => cli::import(config.as_deref(), &bundles),
         Command::Warm {
             mirror,

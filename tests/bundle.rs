@@ -3,7 +3,10 @@
 //! whose upstream is gone, imports it and serves it by tag to skopeo, podman and ctr with the
 //! upstream's digests, and answers a tag it never saw with the offline 404. Damaged bundles are
 //! refused naming the entry, with B's store byte for byte unchanged, and an import into a store a
-//! gantry process serves is refused with exit 2.
+//! gantry process serves is refused with exit 2. `export --mirror` writes the same bundle through
+//! a running mirror that has nothing cached, and fails naming the image (not found, a blob unlike
+//! its descriptor) or the URL (unreachable) with no file left; `--platform` and `--all-cached`
+//! choose what a bundle holds; dockerd's `docker load` reads an index's bundle.
 
 mod common;
 
@@ -11,9 +14,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::clients::{registries_conf, Containerd, Podman, Trap};
+use common::clients::{
+    registries_conf, Containerd, Dockerd, DockerdSetup, Podman, Trap, DOCKER_TOOLS,
+};
+use common::fake::{Fake, Scripted};
 use common::process::GantryProcess;
-use common::{config_yaml, file_digest, pull, require_tools, skopeo, Fixture, Gantry, Options};
+use common::{
+    config_yaml, file_digest, free_port, pull, require_tools, skopeo, Fixture, Gantry, Options,
+};
 use sha2::Digest as _;
 use tempfile::TempDir;
 
@@ -73,7 +81,8 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
 /// (the registry) is returned so the test decides when it goes away.
 struct Exported {
     fixture: Fixture,
-    _a: TempDir,
+    /// A's stopped store and its config (`gantry.yaml`), for further exports.
+    a: TempDir,
     work: TempDir,
     bundle: PathBuf,
     /// The upstream's URL (B names the same upstream, as an isolated twin of A would).
@@ -107,7 +116,7 @@ async fn exported(images: &[&str]) -> Exported {
     assert!(output.status.success(), "export failed:\n{}", text(&output));
     Exported {
         fixture,
-        _a: a_dir,
+        a: a_dir,
         work,
         bundle,
         upstream,
@@ -195,7 +204,7 @@ async fn an_exported_bundle_loads_in_skopeo_and_podman_and_imports_into_an_offli
         bundle,
         upstream,
         work,
-        _a,
+        a: _a,
     } = exported;
     let Fixture {
         registry,
@@ -206,15 +215,7 @@ async fn an_exported_bundle_loads_in_skopeo_and_podman_and_imports_into_an_offli
     } = fixture;
     registry.stop().await;
     let b_dir = tempfile::tempdir().unwrap();
-    let b_config = write_config(b_dir.path(), &upstream);
-    let output = gantry(&[
-        "import",
-        "--config",
-        b_config.to_str().unwrap(),
-        bundle.to_str().unwrap(),
-    ])
-    .await;
-    assert!(output.status.success(), "import failed:\n{}", text(&output));
+    import(b_dir.path(), &bundle, &upstream).await;
 
     let store = b_dir.path().join("store");
     let mut manifests = vec![index_digest.clone(), multi.manifest_digest.clone()];
@@ -350,19 +351,9 @@ async fn an_exported_bundle_loads_in_skopeo_and_podman_and_imports_into_an_offli
     }
     trap.assert_untouched("pulls through offline B");
     // And by digest.
-    let (pulled, result) = pull(&format!("{}/test/index@{index_digest}", b.host()), true).await;
-    result.unwrap_or_else(|e| panic!("pull through B: {e}"));
-    assert_eq!(
-        file_digest(&pulled.path().join("image/manifest.json")),
-        index_digest
-    );
-    for blob in platforms.iter().flat_map(|p| p.blobs()) {
-        let copied = pulled
-            .path()
-            .join("image")
-            .join(blob.trim_start_matches("sha256:"));
-        assert_eq!(file_digest(&copied), blob);
-    }
+    let blobs: Vec<String> = platforms.iter().flat_map(|p| p.blobs()).collect();
+    let reference = format!("{}/test/index@{index_digest}", b.host());
+    assert_pulled(&reference, true, &index_digest, &blobs).await;
     drop(work);
 }
 
@@ -575,4 +566,486 @@ async fn import_refuses_a_store_a_gantry_process_serves() {
     ])
     .await;
     assert!(output.status.success(), "{}", text(&output));
+}
+
+/// The entries of a bundle, by name, with their contents.
+fn entries(bundle: &Path) -> BTreeMap<String, Vec<u8>> {
+    use std::io::Read;
+    let mut archive = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    let mut found = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = String::from_utf8(entry.path_bytes().into_owned()).unwrap();
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        found.insert(name, content);
+    }
+    found
+}
+
+fn blob_entry(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+fn json_entry(entries: &BTreeMap<String, Vec<u8>>, name: &str) -> serde_json::Value {
+    serde_json::from_slice(entries.get(name).unwrap_or_else(|| panic!("no {name}"))).unwrap()
+}
+
+/// `gantry import` of `bundle` into a store in `dir` whose config mirrors `upstream`.
+async fn import(dir: &Path, bundle: &Path, upstream: &str) {
+    let config = write_config(dir, upstream);
+    let output = gantry(&[
+        "import",
+        "--config",
+        config.to_str().unwrap(),
+        bundle.to_str().unwrap(),
+    ])
+    .await;
+    assert!(output.status.success(), "import failed:\n{}", text(&output));
+}
+
+/// A store filled from `bundle` by `gantry import`, served by a gantry that is offline (its
+/// upstream, `upstream`, is gone in these tests).
+async fn offline_mirror(bundle: &Path, upstream: &str) -> Gantry {
+    let dir = tempfile::tempdir().unwrap();
+    import(dir.path(), bundle, upstream).await;
+    Gantry::start_with(
+        dir,
+        upstream,
+        Options {
+            mirroring: "  offline: true",
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// Pulls `reference` with skopeo (`--all` if `all`): its manifest is `manifest` and every blob
+/// of `blobs` arrives intact.
+async fn assert_pulled(reference: &str, all: bool, manifest: &str, blobs: &[String]) {
+    let (pulled, result) = pull(reference, all).await;
+    result.unwrap_or_else(|e| panic!("pull {reference}: {e}"));
+    let image = pulled.path().join("image");
+    assert_eq!(file_digest(&image.join("manifest.json")), manifest);
+    for blob in blobs {
+        assert_eq!(
+            file_digest(&image.join(blob.trim_start_matches("sha256:"))),
+            *blob
+        );
+    }
+}
+
+/// Names of the files in `dir` (an export that failed leaves none, not even a partial one).
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_through_a_mirror_pulls_what_it_lacks_and_writes_the_bundle_the_store_gives() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let host = fixture.registry.host();
+    let upstream = format!("http://{host}");
+    let a = Gantry::start(&upstream).await;
+    let work = tempfile::tempdir().unwrap();
+    let through = work.path().join("through.tar");
+    // The mirror's default registry, named by its host as the mirror's catalogue names it.
+    let image = format!("{host}/test/index:idx");
+    let output = gantry(&[
+        "export",
+        "--mirror",
+        &a.url(""),
+        "-o",
+        through.to_str().unwrap(),
+        &image,
+    ])
+    .await;
+    assert!(output.status.success(), "export failed:\n{}", text(&output));
+    // A had nothing: it pulled every platform's blobs from the upstream to answer.
+    a.settled().await;
+    let a_store = a.dir.path().join("store");
+    for blob in fixture.platforms.iter().flat_map(|p| p.blobs()) {
+        assert!(
+            common::blob_path(&a_store, &blob).exists(),
+            "{blob} cached by A"
+        );
+    }
+
+    // The same image from A's store once A has stopped: the same bundle, byte for byte (entries
+    // are written in the walk's order with no timestamps, whatever the source).
+    let a_dir = a.stop().await;
+    let config = write_config(a_dir.path(), &upstream);
+    let from_store = work.path().join("store.tar");
+    let output = gantry(&[
+        "export",
+        "--config",
+        config.to_str().unwrap(),
+        "-o",
+        from_store.to_str().unwrap(),
+        "test/index:idx",
+    ])
+    .await;
+    assert!(output.status.success(), "export failed:\n{}", text(&output));
+    let (through_entries, store_entries) = (entries(&through), entries(&from_store));
+    assert_eq!(
+        through_entries.keys().collect::<Vec<_>>(),
+        store_entries.keys().collect::<Vec<_>>()
+    );
+    for name in ["index.json", "gantry-bundle.json", "manifest.json"] {
+        assert_eq!(
+            json_entry(&through_entries, name),
+            json_entry(&store_entries, name),
+            "{name}"
+        );
+    }
+    assert!(
+        std::fs::read(&through).unwrap() == std::fs::read(&from_store).unwrap(),
+        "the bundles differ"
+    );
+    let bundle = json_entry(&through_entries, "gantry-bundle.json");
+    assert_eq!(bundle["images"][0]["registry"], host.as_str());
+    assert_eq!(bundle["images"][0]["all_platforms"], true);
+
+    // B, offline with the upstream gone, serves it by tag with the upstream's index digest.
+    let Fixture {
+        registry,
+        index_digest,
+        platforms,
+        ..
+    } = fixture;
+    registry.stop().await;
+    let b = offline_mirror(&through, &upstream).await;
+    let blobs: Vec<String> = platforms.iter().flat_map(|p| p.blobs()).collect();
+    let reference = format!("{}/test/index:idx", b.host());
+    assert_pulled(&reference, true, &index_digest, &blobs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_through_a_mirror_names_what_failed_and_leaves_no_file() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let fixture = Fixture::start().await;
+    let host = fixture.registry.host();
+    let a = Gantry::start(&format!("http://{host}")).await;
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("x.tar");
+    let out = out.to_str().unwrap();
+    let mirror = a.url("");
+
+    // An image the mirror (and its upstream) does not have.
+    let missing = format!("{host}/test/absent:v1");
+    let output = gantry(&["export", "--mirror", &mirror, "-o", out, &missing]).await;
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&missing) && said.contains(&format!("not found on the mirror at {mirror}")),
+        "{said}"
+    );
+    assert_eq!(files_in(work.path()), Vec::<String>::new());
+    // One image missing among others: still no bundle.
+    let output = gantry(&[
+        "export",
+        "--mirror",
+        &mirror,
+        "-o",
+        out,
+        &format!("{host}/test/multi:v1"),
+        &missing,
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert_eq!(files_in(work.path()), Vec::<String>::new());
+
+    // Nothing listening.
+    let gone = format!("http://127.0.0.1:{}", free_port());
+    let output = gantry(&["export", "--mirror", &gone, "-o", out, "alpine:3.20"]).await;
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains(&format!("the mirror at {gone}")), "{said}");
+    assert_eq!(files_in(work.path()), Vec::<String>::new());
+
+    // Flags that do not go together.
+    let config = write_config(work.path(), &format!("http://{host}"));
+    let output = gantry(&[
+        "export",
+        "--mirror",
+        &mirror,
+        "--config",
+        config.to_str().unwrap(),
+        "-o",
+        out,
+        "alpine:3.20",
+    ])
+    .await;
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(64), "{said}");
+    assert!(
+        said.contains("--mirror and --config exclude each other"),
+        "{said}"
+    );
+    let output = gantry(&["export", "--mirror", &mirror, "-o", out, "--all-cached"]).await;
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(64), "{said}");
+    assert!(said.contains("--all-cached needs --config"), "{said}");
+    assert_eq!(files_in(work.path()), vec!["gantry.yaml".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_through_a_mirror_refuses_a_blob_unlike_its_descriptor() {
+    use sha2::Digest as _;
+    let digest = |bytes: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let layer: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (config_digest, layer_digest) = (digest(config), digest(&layer));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": common::images::OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let mut flipped = layer.clone();
+    flipped[150_000] ^= 0xff;
+    let mut long = layer.clone();
+    long.extend_from_slice(b"more");
+    let cases = [
+        ("other bytes", flipped, "hash to"),
+        (
+            "short",
+            layer[..100_000].to_vec(),
+            "ended after 100000 of the 300000 bytes",
+        ),
+        ("long", long, "longer than the 300000 bytes"),
+    ];
+    for (case, body, reason) in cases {
+        let (manifest, config, layer_path) = (
+            manifest.clone(),
+            config.to_vec(),
+            format!("/v2/test/app/blobs/{layer_digest}"),
+        );
+        let config_path = format!("/v2/test/app/blobs/{config_digest}");
+        let mirror = Fake::start(move |seen| {
+            if seen.uri == "/v2/test/app/manifests/v1" {
+                Scripted::new(http::StatusCode::OK)
+                    .header("content-type", common::images::OCI_MANIFEST)
+                    .body(manifest.clone())
+            } else if seen.uri == config_path {
+                Scripted::new(http::StatusCode::OK).body(config.clone())
+            } else if seen.uri == layer_path {
+                Scripted::new(http::StatusCode::OK).body(body.clone())
+            } else {
+                Scripted::new(http::StatusCode::NOT_FOUND)
+            }
+        })
+        .await;
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("x.tar");
+        let output = gantry(&[
+            "export",
+            "--mirror",
+            &mirror.url(),
+            "-o",
+            out.to_str().unwrap(),
+            "test/app:v1",
+        ])
+        .await;
+        let said = text(&output);
+        assert_eq!(output.status.code(), Some(1), "{case}: {said}");
+        assert!(
+            said.contains("docker.io/test/app:v1")
+                && said.contains(&format!("blob {layer_digest}"))
+                && said.contains(reason),
+            "{case}: {said}"
+        );
+        assert_eq!(
+            files_in(work.path()),
+            Vec::<String>::new(),
+            "{case}: a file was left"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_narrowed_bundle_holds_only_that_platform_and_serves_it() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let exported = exported(&["--platform", "linux/arm64", "test/index:idx"]).await;
+    let found = entries(&exported.bundle);
+    let arm64 = exported.fixture.platforms[1].clone();
+    assert_eq!(arm64.architecture, "arm64");
+    let mut expected: Vec<String> = [
+        "oci-layout",
+        "index.json",
+        "gantry-bundle.json",
+        "manifest.json",
+    ]
+    .map(str::to_owned)
+    .into();
+    expected.push(blob_entry(&exported.fixture.index_digest));
+    expected.push(blob_entry(&arm64.manifest_digest));
+    expected.extend(arm64.blobs().iter().map(|blob| blob_entry(blob)));
+    expected.sort();
+    assert_eq!(found.keys().cloned().collect::<Vec<_>>(), expected);
+    let bundle = json_entry(&found, "gantry-bundle.json");
+    assert_eq!(
+        bundle["images"][0]["platforms"],
+        serde_json::json!(["linux/arm64"])
+    );
+    assert_eq!(bundle["images"][0]["all_platforms"], false);
+    // docker's listing names the platform the bundle holds.
+    let docker = json_entry(&found, "manifest.json");
+    assert_eq!(docker[0]["Config"], blob_entry(&arm64.config_digest));
+
+    // B imports it and serves the arm64 image by digest, its blobs intact.
+    let Exported {
+        fixture,
+        bundle,
+        upstream,
+        ..
+    } = exported;
+    fixture.registry.stop().await;
+    let b = offline_mirror(&bundle, &upstream).await;
+    let reference = format!("{}/test/index@{}", b.host(), arm64.manifest_digest);
+    assert_pulled(&reference, false, &arm64.manifest_digest, &arm64.blobs()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_cached_exports_every_cached_tag() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let exported = exported(&["--all-cached"]).await;
+    let fixture = &exported.fixture;
+    let found = entries(&exported.bundle);
+    let bundle = json_entry(&found, "gantry-bundle.json");
+    let mut images: Vec<(String, String, String)> = bundle["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|image| {
+            (
+                image["repository"].as_str().unwrap().to_owned(),
+                image["tag"].as_str().unwrap().to_owned(),
+                image["digest"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    images.sort();
+    assert_eq!(
+        images,
+        [
+            (
+                "test/index".to_owned(),
+                "idx".to_owned(),
+                fixture.index_digest.clone()
+            ),
+            (
+                "test/multi".to_owned(),
+                "v1".to_owned(),
+                fixture.multi.manifest_digest.clone()
+            ),
+        ]
+    );
+    let mut content = vec![
+        fixture.index_digest.clone(),
+        fixture.multi.manifest_digest.clone(),
+    ];
+    content.extend(fixture.multi.blobs());
+    for image in &fixture.platforms {
+        content.push(image.manifest_digest.clone());
+        content.extend(image.blobs());
+    }
+    for digest in &content {
+        let entry = found
+            .get(&blob_entry(digest))
+            .unwrap_or_else(|| panic!("{digest} missing"));
+        assert_eq!(
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(entry))),
+            *digest
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_load_and_ctr_import_read_bundles_of_an_index() {
+    if !require_tools(DOCKER_TOOLS) {
+        return;
+    }
+    let exported = exported(&["test/index:idx", "test/multi:v1"]).await;
+    let fixture = &exported.fixture;
+    let host = fixture.registry.host();
+    let trap = Trap::start().await;
+    let dockerd = Dockerd::start_with(&trap, DockerdSetup::default()).await;
+    let load = dockerd
+        .docker(&["load", "-i", exported.bundle.to_str().unwrap()])
+        .await;
+    assert!(load.ok, "{}\n{}", load.text(), dockerd.logs());
+    // The index by its tag, as the linux/amd64 image (the classic image store keeps one
+    // platform per tag); its image ID is that platform's config digest.
+    let index = dockerd.inspect(&format!("{host}/test/index:idx")).await;
+    assert_eq!(index["Id"], fixture.platforms[0].config_digest.as_str());
+    let multi = dockerd.inspect(&format!("{host}/test/multi:v1")).await;
+    assert_eq!(multi["Id"], fixture.multi.config_digest.as_str());
+
+    // A bundle of nothing but an index, narrowed to arm64: loaded as the arm64 image.
+    let arm64 = exported.work.path().join("arm64.tar");
+    let output = gantry(&[
+        "export",
+        "--config",
+        exported.a.path().join("gantry.yaml").to_str().unwrap(),
+        "-o",
+        arm64.to_str().unwrap(),
+        "--platform",
+        "linux/arm64",
+        "test/index:idx",
+    ])
+    .await;
+    assert!(output.status.success(), "{}", text(&output));
+    dockerd.remove(&format!("{host}/test/index:idx")).await;
+    let load = dockerd
+        .docker(&["load", "-i", arm64.to_str().unwrap()])
+        .await;
+    assert!(load.ok, "{}\n{}", load.text(), dockerd.logs());
+    let index = dockerd.inspect(&format!("{host}/test/index:idx")).await;
+    assert_eq!(index["Id"], fixture.platforms[1].config_digest.as_str());
+
+    // containerd's import (what `docker load` runs on the containerd image store, which this
+    // dockerd does not have) names images by `io.containerd.image.name`, every platform kept.
+    let import = dockerd
+        .containerd
+        .ctr(
+            &[
+                "images",
+                "import",
+                "--all-platforms",
+                exported.bundle.to_str().unwrap(),
+            ],
+            &trap,
+        )
+        .await;
+    assert!(import.ok, "{}", import.text());
+    for (name, digest) in [
+        ("test/index:idx", &fixture.index_digest),
+        ("test/multi:v1", &fixture.multi.manifest_digest),
+    ] {
+        let reference = format!("{host}/{name}");
+        assert_eq!(
+            dockerd
+                .containerd
+                .image_digest(&reference, &trap)
+                .await
+                .as_deref(),
+            Some(digest.as_str()),
+            "{reference}"
+        );
+    }
+    trap.assert_untouched("docker load, ctr import");
 }

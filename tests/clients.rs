@@ -18,16 +18,10 @@ use common::clients::{
     assert_second_pull_from_cache, basic_auth, blob_hits, gantry_on_ipv6_loopback, has_repo_digest,
     host_arch, https_get, private_mounts, registries_conf, skopeo_with_registries_conf,
     test_certificate, upstream_context, Containerd, Dockerd, DockerdSetup, Hub, Podman, Run, Trap,
+    DOCKER_TOOLS,
 };
 use common::{file_digest, require_tools, skip_unless, Fixture, Gantry, Options};
 
-const DOCKER_TOOLS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "dockerd",
-    "docker",
-    "containerd",
-];
 const CONTAINERD_TOOLS: &[&str] = &["docker-registry", "skopeo", "containerd", "ctr"];
 const PODMAN_TOOLS: &[&str] = &["docker-registry", "skopeo", "podman"];
 

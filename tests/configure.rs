@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::clients::{Containerd, Dockerd, Hub, Podman, Trap};
+use common::clients::{Containerd, Dockerd, Hub, Podman, Trap, DOCKER_TOOLS};
 use common::metrics::sample;
 use common::{require_tools, Gantry};
 
@@ -496,13 +496,7 @@ async fn podman_pulls_through_gantry_with_the_registries_conf_configure_wrote() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dockerd_pulls_through_gantry_with_the_daemon_json_configure_edited() {
-    if !require_tools(&[
-        "docker-registry",
-        "skopeo",
-        "dockerd",
-        "docker",
-        "containerd",
-    ]) {
+    if !require_tools(DOCKER_TOOLS) {
         return;
     }
     let hub = Hub::start("library", 1500).await;

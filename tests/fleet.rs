@@ -65,9 +65,12 @@ impl Fleet {
             let dir = tempfile::tempdir().unwrap();
             let storage = fleet.garage.yaml();
             let cache = format!("cache:\n  redis: {}\n", fleet.redis.url());
+            // Prefetch off: the tests learn the manifest, then hold and count one blob's
+            // download, which a prefetch would have started (or finished) first.
             let options = Options {
                 storage: &storage,
                 extra: &cache,
+                mirroring: common::NO_PREFETCH,
                 ..Options::default()
             };
             let replica = GantryProcess::configure(dir.path(), &fleet.proxy.url(), options);

@@ -40,8 +40,11 @@ fn blob_key(digest: &str) -> String {
 
 /// gantry in front of the fixture's upstream, with `storage` lines (its `s3:` section).
 async fn with_storage(fixture: &Fixture, storage: &str) -> Gantry {
+    // Prefetch off: these tests place objects in the bucket after the manifest is fetched and
+    // then ask for the blob, which a prefetch would already have put on the local disk.
     let options = Options {
         storage,
+        mirroring: common::NO_PREFETCH,
         ..Options::default()
     };
     Gantry::start_with(tempfile::tempdir().unwrap(), &fixture.proxy.url(), options).await

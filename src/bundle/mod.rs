@@ -1,25 +1,29 @@
 //! Bundles: cached images carried between mirrors as OCI image-layout tar files, for networks
 //! that cannot reach an upstream ([docs/bundles.md](../../docs/bundles.md)).
 //!
-//! `gantry export` ([`export`]) reads images from a store offline and writes a standard layout
+//! `gantry export` ([`export`]) reads images from a store offline, or through a running mirror
+//! ([`remote`], `--mirror`), and [`writer`] writes a standard layout
 //! (`oci-layout`, `index.json`, `blobs/sha256/…`) that skopeo, podman and docker load, plus
 //! `gantry-bundle.json`, which says which registry and repository each image came from: a
 //! layout's own names cannot carry that. `gantry import` ([`import`]) checks a whole bundle before
 //! touching the store (names, digests, references, tags), then copies it in through the store's
 //! verifying writer and records links and catalogue entries, so the imported images are served
-//! exactly like pulled ones. Both refuse to run while a gantry serves the same store (see
-//! [`crate::store::lock`]).
+//! exactly like pulled ones. Both refuse to open a store a gantry serves (see
+//! [`crate::store::lock`]); `export --mirror` reads through the serving gantry instead.
 
 pub mod export;
 pub mod import;
 pub mod layout;
 mod names;
+mod remote;
+mod writer;
 
 use std::path::PathBuf;
 
 pub use export::{export, ExportRequest, Exported};
 pub use import::{import, Imported};
 pub use names::Names;
+pub use remote::export_through;
 
 use crate::store::lock::LockError;
 use crate::store::StoreError;

@@ -42,6 +42,18 @@ impl Names {
         }
     }
 
+    /// Names as docker reads them, for a mirror whose config is not at hand (`export
+    /// --mirror`): no host is Docker Hub, any host names itself.
+    pub fn as_written() -> Self {
+        Self {
+            default: "docker.io".to_owned(),
+            default_is_hub: true,
+            source_authority: "docker.io".to_owned(),
+            registries: Vec::new(),
+            any: true,
+        }
+    }
+
     /// The registry (as catalogued), repository and reference `text` names.
     pub fn resolve(&self, text: &str) -> Result<(String, String, Reference), String> {
         let image = ImageRef::parse(text)?;

@@ -883,6 +883,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 // ---------------------------------------------------------------------------------------------
 // dockerd + docker
 
+/// What a test of dockerd needs: the upstream, skopeo to fill it, and the daemons.
+pub const DOCKER_TOOLS: &[&str] = &[
+    "docker-registry",
+    "skopeo",
+    "dockerd",
+    "docker",
+    "containerd",
+];
+
 /// A `dockerd` with its own containerd, data-root, exec-root, pidfile, key file and API socket
 /// in temp dirs; no iptables, no bridge, no forwarding. It runs the classic image store (`vfs`
 /// graph driver): the containerd image store needs Engine 24+ (docs/clients.md says what that
