@@ -395,6 +395,12 @@ pub fn import(config_path: Option<&Path>, bundles: &[std::path::PathBuf]) -> Exi
                 imported.written,
                 imported.bytes
             );
+            if config.storage.s3.is_some() {
+                println!(
+                    "object tier: {} blobs and manifests uploaded, {} bytes",
+                    imported.uploaded, imported.uploaded_bytes
+                );
+            }
             for registry in &imported.unserved {
                 eprintln!(
                     "gantry: warning: this config does not serve registry {registry}; its imported images \

@@ -1049,3 +1049,98 @@ async fn docker_load_and_ctr_import_read_bundles_of_an_index() {
     }
     trap.assert_untouched("docker load, ctr import");
 }
+
+/// Where the object tier keeps a digest: `<kind>/sha256/<2 hex>/<hex>` (no key prefix).
+fn object_key(kind: &str, digest: &str) -> String {
+    let hex = digest.trim_start_matches("sha256:");
+    format!("{kind}/sha256/{}/{hex}", &hex[..2])
+}
+
+/// With `storage.s3`, import fills the object tier too: every blob and manifest of the bundle is
+/// in the bucket afterwards (a second import uploads nothing), and a replica with an empty disk
+/// over the same bucket pulls the image without a single upstream blob GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_with_an_object_tier_uploads_the_bundle_there() {
+    if !require_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let Some(garage) = common::garage::Garage::start().await else {
+        return;
+    };
+    let exported = exported(&["test/multi:v1"]).await;
+    let storage = garage.yaml();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gantry.yaml");
+    let options = Options {
+        storage: &storage,
+        ..Options::default()
+    };
+    std::fs::write(
+        &config,
+        config_yaml(dir.path(), &exported.upstream, options),
+    )
+    .unwrap();
+    let args = [
+        "import",
+        "--config",
+        config.to_str().unwrap(),
+        exported.bundle.to_str().unwrap(),
+    ];
+    let import = || gantry(&args);
+    let multi = &exported.fixture.multi;
+    let blobs = multi.blobs();
+    let output = import().await;
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains(&format!(
+            "object tier: {} blobs and manifests uploaded",
+            blobs.len() + 1
+        )),
+        "{}",
+        text(&output)
+    );
+    for blob in &blobs {
+        let object = garage.object(&object_key("blobs", blob)).await;
+        let object = object.unwrap_or_else(|| panic!("{blob} is not in the bucket"));
+        assert_eq!(
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&object))),
+            *blob
+        );
+    }
+    assert!(garage
+        .object(&object_key("manifests", &multi.manifest_digest))
+        .await
+        .is_some());
+    let again = import().await;
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("object tier: 0 blobs and manifests uploaded"),
+        "{}",
+        text(&again)
+    );
+
+    // Another replica over the bucket, with its own empty disk and the counting proxy upstream.
+    let replica = Gantry::start_with(
+        tempfile::tempdir().unwrap(),
+        &exported.fixture.proxy.url(),
+        Options {
+            storage: &storage,
+            ..Options::default()
+        },
+    )
+    .await;
+    assert_pulled(
+        &format!("{}/test/multi:v1", replica.host()),
+        false,
+        &multi.manifest_digest,
+        &blobs,
+    )
+    .await;
+    replica.settled().await;
+    assert!(
+        exported.fixture.proxy.blob_gets().is_empty(),
+        "every blob came from the object tier: {:?}",
+        exported.fixture.proxy.blob_gets()
+    );
+    replica.stop().await;
+}

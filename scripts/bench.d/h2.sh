@@ -1,7 +1,7 @@
 # scripts/bench.d/h2.sh: HTTP/2 and idle connections, part of scripts/bench's default scenario.
 # Sourced by scripts/bench after the warm load (the peers are up with the tag and blobs cached) and
 # before the callgrind and cold single-blob phases. Uses its helpers (say, die, start, stop,
-# wait_http, record, cpu_ticks, mem_kib, sample_quiet, url_of).
+# wait_http, record, cpu_ticks, mem_kib, sample_quiet, url_of, profile_start/stop).
 #
 #   h2   h2load, BENCH_H2_CONNS (8) connections x BENCH_H2_STREAMS (32) streams, BENCH_DURATION
 #        seconds, for the manifest by tag and the 1 MiB blob, over h2c (prior knowledge) and TLS
@@ -38,10 +38,12 @@ h2_once() {
   local peer=$1 key=$2 mode=$3 round=$4 header=() ticks0 ticks1 out rps done_ failed
   [ "$key" = tag ] && header=(-H "accept: $ACCEPT")
   sample_quiet
+  profile_start "$peer" "h2-$key-$mode-$round"
   ticks0=$(cpu_ticks "${PIDS[$peer]}")
   out=$(timeout $((DURATION + 60)) h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D"$DURATION" \
     "${header[@]}" "$(h2_url "$peer" "$key" "$mode")" 2>&1) || die "h2load failed ($peer $key $mode): $out"
   ticks1=$(cpu_ticks "${PIDS[$peer]}")
+  profile_stop
   echo "$out" >>"$WORK/logs/h2load-$peer.log"
   rps=$(awk '/^finished in/ {gsub(",", "", $4); print $4}' <<<"$out")
   read -r done_ failed < <(awk '/^requests:/ {print $8, $10}' <<<"$out")

@@ -8,7 +8,9 @@
 //! Pass 2 takes the store's lock, opens it and copies the content in through its own writers
 //! (which hash again: a bundle changed between the passes is still refused per blob), blobs
 //! first, then manifests, then links and catalogue records, tags last, so a tag never names
-//! content the store does not hold.
+//! content the store does not hold. With `storage.s3` configured, every blob and manifest of the
+//! bundles is then copied from the store into the object tier too (what it holds already is
+//! skipped), so the other replicas sharing the bucket fetch them from there, not the upstream.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -26,7 +28,9 @@ use super::names::Names;
 use super::BundleError;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::oci::manifest::encode_stored;
 use crate::oci::{Digest, DigestHasher, Tag};
+use crate::store::object::{ObjectTier, ObjectTierError, Uploaded};
 use crate::store::{lock, Store, StoreOptions};
 
 /// Small blobs kept from pass 1 for every bundle of a run, at most (manifests and configs).
@@ -45,6 +49,10 @@ pub struct Imported {
     pub bytes: u64,
     /// Registries the bundles name that this config does not serve.
     pub unserved: Vec<String>,
+    /// Blobs and manifests uploaded to the object tier (`storage.s3`), and their bytes; content
+    /// the tier already held is not counted.
+    pub uploaded: usize,
+    pub uploaded_bytes: u64,
 }
 
 /// One bundle as pass 1 found it.
@@ -134,7 +142,62 @@ pub async fn import(config: &Config, bundles: &[PathBuf]) -> Result<Imported, Bu
             imported.images.push(image.clone());
         }
     }
+    if let Some(s3) = &config.storage.s3 {
+        let tier = ObjectTier::connect(s3, Arc::new(Metrics::new()))
+            .await
+            .map_err(tier_error)?;
+        for bundle in &checked {
+            upload(&tier, &store, bundle, &mut imported).await?;
+        }
+    }
     Ok(imported)
+}
+
+fn tier_error(error: ObjectTierError) -> BundleError {
+    BundleError::ObjectTier(Box::new(error))
+}
+
+/// Pass 3, with an object tier: the bundle's blobs (from the store, where pass 2 verified them)
+/// and manifests into the tier. The local import is complete before it starts, so a failure here
+/// loses nothing: running the import again uploads what is missing.
+async fn upload(
+    tier: &ObjectTier,
+    store: &Arc<Store>,
+    bundle: &Checked,
+    imported: &mut Imported,
+) -> Result<(), BundleError> {
+    for digest in bundle.blobs.keys() {
+        let Some(file) = store.open_blob(digest).await else {
+            // Evicted already (a store smaller than the bundle): nothing left to upload from.
+            continue;
+        };
+        match tier.upload_blob(digest, &file).await {
+            Ok(Uploaded::Stored { bytes }) => {
+                imported.uploaded += 1;
+                imported.uploaded_bytes += bytes;
+            }
+            Ok(Uploaded::Present) => {}
+            Err(error) => return Err(tier_error(error)),
+        }
+    }
+    for (digest, (media_type, bytes)) in &bundle.manifests {
+        let stored = Bytes::from(encode_stored(media_type, bytes));
+        let size = stored.len() as u64;
+        if tier
+            .read_manifest(digest)
+            .await
+            .map_err(tier_error)?
+            .is_some()
+        {
+            continue;
+        }
+        tier.write_manifest(digest, stored)
+            .await
+            .map_err(tier_error)?;
+        imported.uploaded += 1;
+        imported.uploaded_bytes += size;
+    }
+    Ok(())
 }
 
 /// Pass 2 for one bundle: its blobs (read from the tar again) and manifests into the store.

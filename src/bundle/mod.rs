@@ -50,6 +50,10 @@ pub enum BundleError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// The store holds the import; copying it into the object tier failed (running the import
+    /// again uploads what is missing).
+    #[error("imported into the store, but not into the object tier (run the import again to retry): {0}")]
+    ObjectTier(#[source] Box<crate::store::object::ObjectTierError>),
 }
 
 impl BundleError {
