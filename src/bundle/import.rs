@@ -153,6 +153,13 @@ pub async fn import(config: &Config, bundles: &[PathBuf]) -> Result<Imported, Bu
     Ok(imported)
 }
 
+fn count(imported: &mut Imported, uploaded: Uploaded) {
+    if let Uploaded::Stored { bytes } = uploaded {
+        imported.uploaded += 1;
+        imported.uploaded_bytes += bytes;
+    }
+}
+
 fn tier_error(error: ObjectTierError) -> BundleError {
     BundleError::ObjectTier(Box::new(error))
 }
@@ -171,31 +178,13 @@ async fn upload(
             // Evicted already (a store smaller than the bundle): nothing left to upload from.
             continue;
         };
-        match tier.upload_blob(digest, &file).await {
-            Ok(Uploaded::Stored { bytes }) => {
-                imported.uploaded += 1;
-                imported.uploaded_bytes += bytes;
-            }
-            Ok(Uploaded::Present) => {}
-            Err(error) => return Err(tier_error(error)),
-        }
+        let uploaded = tier.upload_blob(digest, &file).await;
+        count(imported, uploaded.map_err(tier_error)?);
     }
     for (digest, (media_type, bytes)) in &bundle.manifests {
         let stored = Bytes::from(encode_stored(media_type, bytes));
-        let size = stored.len() as u64;
-        if tier
-            .read_manifest(digest)
-            .await
-            .map_err(tier_error)?
-            .is_some()
-        {
-            continue;
-        }
-        tier.write_manifest(digest, stored)
-            .await
-            .map_err(tier_error)?;
-        imported.uploaded += 1;
-        imported.uploaded_bytes += size;
+        let written = tier.write_manifest(digest, stored).await;
+        count(imported, written.map_err(tier_error)?);
     }
     Ok(())
 }

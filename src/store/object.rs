@@ -89,10 +89,10 @@ pub struct ObjectRead {
     pub chunks: ObjectChunks,
 }
 
-/// What [`ObjectTier::upload_blob`] did.
+/// What [`ObjectTier::upload_blob`] or [`ObjectTier::write_manifest`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Uploaded {
-    /// The blob is now in the tier.
+    /// The blob (or manifest) is now in the tier.
     Stored { bytes: u64 },
     /// The key existed already and was left as it was.
     Present,
@@ -499,7 +499,7 @@ impl ObjectTier {
         &self,
         digest: &Digest,
         stored: Bytes,
-    ) -> Result<(), ObjectTierError> {
+    ) -> Result<Uploaded, ObjectTierError> {
         let key = self.manifest_key(digest);
         if !holds_manifest(&stored, digest) {
             return Err(ObjectTierError::Corrupt {
@@ -508,7 +508,7 @@ impl ObjectTier {
             });
         }
         if self.shared.head(&key).await?.is_some() {
-            return Ok(());
+            return Ok(Uploaded::Present);
         }
         let size = stored.len() as u64;
         self.shared
@@ -518,7 +518,7 @@ impl ObjectTier {
             )
             .await?;
         self.shared.metrics.object_tier_uploaded_bytes.inc_by(size);
-        Ok(())
+        Ok(Uploaded::Stored { bytes: size })
     }
 
     /// Enforces `storage.s3.max_size` now (the background task does so every [`SWEEP_INTERVAL`]).
